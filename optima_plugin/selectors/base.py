@@ -1,0 +1,57 @@
+"""What a mask selector is: a named object that turns a layer's weights and
+calibration statistics into a pruning mask (and optionally its own update)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Union
+
+import torch
+from torch import Tensor
+
+from ..sparsity import Pattern
+
+#: One ratio for the whole layer, or an ``(r,)`` tensor of per-row ratios (TRIM).
+Ratio = Union[float, Tensor]
+
+
+@dataclass
+class Selection:
+    """A selector's answer for one linear layer.
+
+    Attributes:
+        pruned: bool ``r x d``, True = pruned.
+        weight: the selector's own updated ``r x d`` weights (pruned entries 0)
+            for selectors with a native update (SparseGPT, Thanos); None for
+            mask-only selectors (magnitude, Wanda).
+    """
+
+    pruned: Tensor
+    weight: Optional[Tensor] = None
+
+
+class MaskSelector(Protocol):
+    """A mask selector plugin.
+
+    Attributes:
+        name: registry name (``--prune_method``).
+        needs_hessian: whether :meth:`select` reads ``hessian`` (False for magnitude).
+    """
+
+    name: str
+    needs_hessian: bool
+
+    def select(
+        self, weight: Tensor, hessian: Optional[Tensor], ratio: Ratio, pattern: Pattern
+    ) -> Selection:
+        """Choose the mask for one layer.
+
+        Args:
+            weight: ``r x d`` dense weights (any float dtype; work in float32).
+            hessian: ``d x d`` float32/float64 mean of ``x xᵀ`` over calibration
+                tokens (its diagonal is the mean squared input norm per column);
+                None when ``needs_hessian`` is False and no statistics were taken.
+            ratio: the fraction to prune (ignored for N:M patterns, which fix it).
+            pattern: unstructured or N:M.
+        """
+        ...

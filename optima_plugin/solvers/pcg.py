@@ -1,0 +1,110 @@
+"""Masked preconditioned conjugate gradient on the pruned set, all rows at once.
+
+The default solver. With ``G = Hd⁻¹`` the optimum of every row is the OBS
+multi-weight removal ``ŵ = w - z G`` where ``z`` (supported on the row's pruned
+set ``P``) solves ``G_PP z_P = w_P``. All rows share ``G``, so restricting it to
+each row's ``P`` is a mask on both sides of one product: an iteration for all
+rows together is one GEMM ``(p ∘ pruned) @ G`` followed by ``∘ pruned``. Step
+sizes are per row; the preconditioner is Jacobi ``1 / diag(G)`` (its first
+step is the classic one-weight-at-a-time OBS update).
+
+Why the pruned-set (dual) form: on real LLM activations it needs 3-7x fewer
+iterations than masked CG on the kept set ``Hd_SS`` with Jacobi (measured on
+SmolLM2-135M layers: 6-15 versus 27-110 iterations to a 1e-5 objective gap).
+
+Stopping is certified per row. CG increases the dual value
+``D(z) = 2 wᵀz - zᵀGz`` (a lower bound on the optimum ``f*``) by ``α·rᵀs`` per
+step, and the feasible weights it implies have objective at most
+``D + ρᵀ Hd ρ`` (``ρ`` the residual on ``P``). A row stops once
+``ρᵀ Hd ρ <= tol · D``, i.e. once its damped objective is provably within a
+relative ``tol`` of its optimum. The GEMM that certifies is only paid once a
+row's CG step ``α·rᵀs`` itself is below ``tol · D``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import SolverOutput, register_solver
+from .problem import Problem, inverse_spd
+
+DEFAULT_TOL = 1e-5
+DEFAULT_MAX_ITER = 300
+
+
+def dual_pcg(
+    inverse: Tensor, damped: Tensor, pruned: Tensor, weight: Tensor, *, tol: float, max_iter: int
+) -> tuple[Tensor, int, Tensor]:
+    """Solve ``inverse[P_i, P_i] z_i = weight[i, P_i]`` for every row ``i`` by PCG.
+
+    Args:
+        inverse: ``d x d`` ``G = Hd⁻¹``.
+        damped: ``d x d`` ``Hd`` (only used to certify convergence).
+        pruned: bool ``r x d``, row ``i``'s set ``P_i``.
+        weight: ``r x d`` dense weights.
+        tol: relative objective gap at which a row stops.
+        max_iter: iteration cap.
+    Returns:
+        ``(z, iterations, converged)``: ``z`` is ``r x d`` with zeros outside
+        ``P_i``; ``converged`` is bool ``(r,)``.
+    """
+    r, _ = pruned.shape
+    mask = pruned.to(inverse.dtype)
+    b = weight * mask
+    z_out = torch.zeros_like(b)
+    converged = (b == 0).all(dim=1)
+    rows = torch.nonzero(~converged).squeeze(1)  # the working set
+    m, res = mask[rows], b[rows]
+    inv_diag = 1.0 / inverse.diagonal()
+    s = res * inv_diag
+    p = s
+    rs = (res * s).sum(dim=1)
+    z = torch.zeros_like(res)
+    dual = torch.zeros_like(rs)
+    tiny = torch.finfo(inverse.dtype).tiny
+    it = 0
+    while rows.numel() and it < max_iter:
+        it += 1
+        gp = (p @ inverse) * m
+        alpha = rs / (p * gp).sum(dim=1).clamp_min(tiny)
+        z += alpha.unsqueeze(1) * p
+        res -= alpha.unsqueeze(1) * gp
+        step = alpha * rs
+        dual += step
+        done = step <= tol * dual
+        if bool(done.any()):
+            cand = torch.nonzero(done).squeeze(1)
+            rc = res[cand]
+            gap = ((rc @ damped) * rc).sum(dim=1)
+            done[cand] = gap <= tol * dual[cand]
+        if bool(done.any()):
+            converged[rows[done]] = True
+            z_out[rows[done]] = z[done]
+            left = ~done
+            rows, m, res, p, rs, z, dual = (t[left] for t in (rows, m, res, p, rs, z, dual))
+            if rows.numel() == 0:
+                break
+        s = res * inv_diag
+        rs_new = (res * s).sum(dim=1)
+        p = s + (rs_new / rs.clamp_min(tiny)).unsqueeze(1) * p
+        rs = rs_new
+    z_out[rows] = z  # rows that hit max_iter keep their last iterate
+    return z_out, it, converged
+
+
+@register_solver("pcg")
+def solve_pcg(
+    problem: Problem, *, tol: Optional[float] = None, max_iter: Optional[int] = None
+) -> SolverOutput:
+    """Masked PCG on the pruned set; ``tol`` (default 1e-5) is a certified relative objective gap."""
+    tol = DEFAULT_TOL if tol is None else tol
+    max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
+    inverse = inverse_spd(problem.damped)
+    z, it, conv = dual_pcg(
+        inverse, problem.damped, problem.pruned, problem.weight, tol=tol, max_iter=max_iter
+    )
+    new = (problem.weight - z @ inverse).masked_fill(problem.pruned, 0.0)
+    return SolverOutput(new, it, bool(conv.all()))

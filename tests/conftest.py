@@ -1,0 +1,28 @@
+"""Shared fixtures: random layer problems that look like real activations."""
+
+from __future__ import annotations
+
+import torch
+
+
+def activation_hessian(d: int, *, tokens: int = 4096, dead: int = 2, seed: int = 0) -> torch.Tensor:
+    """``d x d`` float64 ``mean x xᵀ`` of synthetic activations.
+
+    Heavy-tailed per-column scales (a few outlier features), correlated inputs
+    (a low-rank shared component) and ``dead`` inputs that are always zero.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(tokens, d, generator=g, dtype=torch.float64)
+    shared = torch.randn(tokens, max(1, d // 8), generator=g, dtype=torch.float64)
+    mix = torch.randn(max(1, d // 8), d, generator=g, dtype=torch.float64) / (d // 8) ** 0.5
+    x = base + 2.0 * shared @ mix
+    scales = torch.exp(1.5 * torch.randn(d, generator=g, dtype=torch.float64))  # log-normal
+    x = x * scales
+    if dead:
+        x[:, torch.randperm(d, generator=g)[:dead]] = 0.0
+    return x.T @ x / tokens
+
+
+def random_weight(r: int, d: int, *, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(r, d, generator=g) / d**0.5
