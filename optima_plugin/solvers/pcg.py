@@ -35,6 +35,11 @@ DEFAULT_TOL = 1e-5
 DEFAULT_MAX_ITER = 300
 
 
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(r,)`` row-wise dot products of two ``r x d`` matrices."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def dual_pcg(
     inverse: Tensor, damped: Tensor, pruned: Tensor, weight: Tensor, *, tol: float, max_iter: int
 ) -> tuple[Tensor, int, Tensor]:
@@ -48,51 +53,52 @@ def dual_pcg(
         tol: relative objective gap at which a row stops.
         max_iter: iteration cap.
     Returns:
-        ``(z, iterations, converged)``: ``z`` is ``r x d`` with zeros outside
-        ``P_i``; ``converged`` is bool ``(r,)``.
+        ``(correction, iterations, converged)``: ``correction = z G`` (``r x d``,
+        so ``ŵ = w - correction`` off ``P``), accumulated along the iterations
+        so no final product is needed; ``converged`` is bool ``(r,)``.
     """
     r, _ = pruned.shape
     mask = pruned.to(inverse.dtype)
     b = weight * mask
-    z_out = torch.zeros_like(b)
+    out = torch.zeros_like(b)
     converged = (b == 0).all(dim=1)
     rows = torch.nonzero(~converged).squeeze(1)  # the working set
     m, res = mask[rows], b[rows]
     inv_diag = 1.0 / inverse.diagonal()
     s = res * inv_diag
     p = s
-    rs = (res * s).sum(dim=1)
-    z = torch.zeros_like(res)
+    rs = _rowdot(res, s)
+    u = torch.zeros_like(res)  # z G for the working rows
     dual = torch.zeros_like(rs)
     tiny = torch.finfo(inverse.dtype).tiny
     it = 0
     while rows.numel() and it < max_iter:
         it += 1
-        gp = (p @ inverse) * m
-        alpha = rs / (p * gp).sum(dim=1).clamp_min(tiny)
-        z += alpha.unsqueeze(1) * p
-        res -= alpha.unsqueeze(1) * gp
-        step = alpha * rs
+        gp_full = p @ inverse
+        gp = gp_full * m
+        alpha = (rs / _rowdot(p, gp).clamp_min(tiny)).unsqueeze(1)
+        u.addcmul_(alpha, gp_full)
+        res.addcmul_(alpha, gp, value=-1.0)
+        step = alpha.squeeze(1) * rs
         dual += step
         done = step <= tol * dual
         if bool(done.any()):
             cand = torch.nonzero(done).squeeze(1)
             rc = res[cand]
-            gap = ((rc @ damped) * rc).sum(dim=1)
-            done[cand] = gap <= tol * dual[cand]
+            done[cand] = _rowdot(rc @ damped, rc) <= tol * dual[cand]
         if bool(done.any()):
             converged[rows[done]] = True
-            z_out[rows[done]] = z[done]
+            out[rows[done]] = u[done]
             left = ~done
-            rows, m, res, p, rs, z, dual = (t[left] for t in (rows, m, res, p, rs, z, dual))
+            rows, m, res, p, rs, u, dual = (t[left] for t in (rows, m, res, p, rs, u, dual))
             if rows.numel() == 0:
                 break
         s = res * inv_diag
-        rs_new = (res * s).sum(dim=1)
-        p = s + (rs_new / rs.clamp_min(tiny)).unsqueeze(1) * p
+        rs_new = _rowdot(res, s)
+        p.mul_((rs_new / rs.clamp_min(tiny)).unsqueeze(1)).add_(s)
         rs = rs_new
-    z_out[rows] = z  # rows that hit max_iter keep their last iterate
-    return z_out, it, converged
+    out[rows] = u  # rows that hit max_iter keep their last iterate
+    return out, it, converged
 
 
 @register_solver("pcg")
@@ -103,8 +109,8 @@ def solve_pcg(
     tol = DEFAULT_TOL if tol is None else tol
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
     inverse = inverse_spd(problem.damped)
-    z, it, conv = dual_pcg(
+    correction, it, conv = dual_pcg(
         inverse, problem.damped, problem.pruned, problem.weight, tol=tol, max_iter=max_iter
     )
-    new = (problem.weight - z @ inverse).masked_fill(problem.pruned, 0.0)
+    new = (problem.weight - correction).masked_fill(problem.pruned, 0.0)
     return SolverOutput(new, it, bool(conv.all()))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .base import get_solver
-from .problem import kkt_residual, objective_per_row, prepare
+from .problem import figures, prepare
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,9 @@ def reconstruct(
 
     new = out.weight.masked_fill(problem.pruned, 0.0)
     mask_only = problem.mask_only()
-    objective = float(objective_per_row(problem.hessian, new - problem.weight).sum())
-    mask_objective = float(objective_per_row(problem.hessian, mask_only - problem.weight).sum())
+    before = figures(problem, mask_only - problem.weight)
+    after = figures(problem, new - problem.weight)
+    objective, mask_objective = after.objective, before.objective
     converged = out.converged
     if not torch.isfinite(new).all() or objective > mask_objective:
         warnings.warn(
@@ -96,7 +97,8 @@ def reconstruct(
             RuntimeWarning,
             stacklevel=2,
         )
-        new, objective, converged = mask_only, mask_objective, False
+        new, after, converged = mask_only, before, False
+        objective = before.objective
     if mask_objective > 0:
         error_ratio = objective / mask_objective
     else:
@@ -106,7 +108,7 @@ def reconstruct(
         objective=objective,
         mask_objective=mask_objective,
         error_ratio=error_ratio,
-        kkt_residual=kkt_residual(problem, new),
+        kkt_residual=after.kkt_numerator / before.kkt_numerator if before.kkt_numerator > 0 else 0.0,
         iterations=out.iterations,
         converged=converged,
         solver=solver,
