@@ -146,3 +146,10 @@ def figures(problem: Problem, delta: Tensor) -> Figures:
     shift = problem.damped.diagonal() - problem.hessian.diagonal()
     stationarity = (prod + delta * shift).masked_fill(problem.pruned, 0.0)
     return Figures(objective, float(stationarity.norm()))
+
+
+def reconstruction_error(weight: Tensor, new_weight: Tensor, hessian: Tensor) -> float:
+    """``Σ_rows (ŵ - w)ᵀ H (ŵ - w)`` in float32 (float64 if ``hessian`` is), any input dtypes."""
+    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+    delta = new_weight.to(dtype) - weight.to(dtype)
+    return float(objective_per_row(hessian.to(device=delta.device, dtype=dtype), delta).sum())
