@@ -55,3 +55,10 @@ class MaskSelector(Protocol):
             pattern: unstructured or N:M.
         """
         ...
+
+
+def check_ratio(ratio: Ratio) -> None:
+    """``ValueError`` unless every ratio is in [0, 1)."""
+    r = torch.as_tensor(ratio, dtype=torch.float64)
+    if bool(((r < 0) | (r >= 1)).any()):
+        raise ValueError(f"--sparsity_ratio must be in [0, 1), got {ratio if r.numel() == 1 else 'per-row ratios outside it'}")

@@ -1,0 +1,123 @@
+"""The Python API: ``prune`` (the CLI's job as a function) and the seed-compatible
+``prune_and_quantize``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+from .config import PruneConfig
+from .engine import prune_model
+from .evaluation import eval_ppl
+from .loading import save_model
+from .memory import PeakMemory
+from .sparsity import check_sparsity
+
+log = logging.getLogger(__name__)
+
+
+def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> dict:
+    """Prune ``model`` in place; evaluate, save and write the report as the options say.
+
+    ``options`` are :class:`PruneConfig`'s fields (the CLI's flag names), e.g.
+    ``prune(model, tok, prune_method="wanda", sparsity_ratio=0.5, weight_update="optima")``.
+    Returns the report dict (also written to ``report`` when given).
+    """
+    config = PruneConfig.from_options(**options)
+    if config.save_model:
+        _check_target(config.save_model, config.overwrite)
+    ppl: dict = {}
+    if config.eval_dense:
+        ppl["dense"] = _evaluate(model, tokenizer, config)
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        report = prune_model(model, tokenizer, config, progress=progress)
+    report["timings"]["total_prune_seconds"] = time.perf_counter() - t0
+    report["memory"] = mem.to_dict()
+    if config.eval_ppl:
+        ppl["pruned"] = _evaluate(model, tokenizer, config)
+        report["ppl"] = ppl
+    if config.save_model:
+        save_model(model, tokenizer, config.save_model, overwrite=config.overwrite)
+        report["saved_to"] = str(config.save_model)
+    if config.report:
+        Path(config.report).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _evaluate(model, tokenizer, config: PruneConfig) -> dict:
+    # Runs where the model's weights are (on CPU after an offloaded prune).
+    return {ds: eval_ppl(model, tokenizer, ds, config.seqlen, max_windows=config.eval_max_windows)
+            for ds in config.eval_ppl}
+
+
+def _check_target(directory: str, overwrite: bool) -> None:
+    path = Path(directory)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"--save_model {directory} exists and is not empty; pass --overwrite to replace it")
+
+
+def prune_and_quantize(
+    model: nn.Module,
+    tokenizer,
+    bitwidth: int = 8,
+    slim_quant: bool = False,
+    weight_tiled_quantization: bool = False,
+    weight_tile_size: int = 256,
+    prune_method: str = "wanda",
+    sparsity_ratio: float = 0.5,
+    sparsity_type: str = "unstructured",
+    quantize_weight: bool = False,
+    nsamples: int = 128,
+    shift_zero_metrics: bool = True,
+    lora_rank: float = 0.0,
+    slim_lora: bool = True,
+    prune_lora: bool = False,
+    quantize_lora: bool = False,
+    lora_tile_size: int = 256,
+    separate_lora: bool = True,
+    seed: int = 0,
+    joint_pq_mixing_factor: float = 2.1,
+    calibration_dataset: str = "c4",
+    pad_lora: bool = False,
+    scale_important_weights: bool = False,
+    mask_checkpoint: Optional[str] = None,
+    update_weights: bool = False,
+    use_qp_solver: bool = True,
+    double_precision: bool = False,
+    skip_attention: bool = False,
+    seqlen: int = 2048,
+    **options,
+) -> dict:
+    """Seed-compatible entry point (the OPTIMA reference's ``optima.prune.prune_and_quantize``).
+
+    ``update_weights=True`` applies the OPTIMA update (``use_qp_solver=True``: the
+    exact ``pcg`` solver; ``False``: the paper's Adam fallback); ``False`` keeps the
+    selector's own update. Quantization and low-rank options other than their off
+    values raise ``NotImplementedError``.
+    """
+    unsupported = {
+        "quantize_weight": quantize_weight, "slim_quant": slim_quant,
+        "weight_tiled_quantization": weight_tiled_quantization, "lora_rank": lora_rank,
+        "prune_lora": prune_lora, "quantize_lora": quantize_lora, "pad_lora": pad_lora,
+        "scale_important_weights": scale_important_weights, "mask_checkpoint": mask_checkpoint,
+    }
+    on = [k for k, v in unsupported.items() if v]
+    if on:
+        raise NotImplementedError(f"{', '.join(on)}: quantization and low-rank adapters are not supported yet")
+    return prune(
+        model, tokenizer, prune_method=prune_method, sparsity_ratio=sparsity_ratio,
+        sparsity_type=sparsity_type, nsamples=nsamples, seed=seed, seqlen=seqlen,
+        calibration_dataset=calibration_dataset, skip_attention=skip_attention,
+        double_precision=double_precision,
+        weight_update="optima" if update_weights else "native",
+        solver="pcg" if use_qp_solver else "adam", **options,
+    )
+
+
+__all__ = ["check_sparsity", "eval_ppl", "prune", "prune_and_quantize"]

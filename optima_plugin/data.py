@@ -1,0 +1,161 @@
+"""Calibration and evaluation text: c4, wikitext2, pydoc, or local files.
+
+* ``pydoc``: Python's own documentation (``pydoc_data.topics``, on every CPython);
+  calibration windows come only from the first 80% of its tokens, evaluation
+  only from the last 20%.
+* ``c4`` / ``wikitext2``: the hosts' hub datasets through ``datasets`` (Wanda's
+  files and protocol). Offline, point ``OPTIMA_DATA_DIR`` at local copies:
+  ``c4-train.00000-of-01024.json(.gz)`` / ``c4-validation.00000-of-00008.json(.gz)``
+  and ``wikitext-2-raw-v1/{train,test}.txt`` (or a ``wikitext`` dataset folder).
+* a local path: a ``.txt`` file, a ``.json``/``.jsonl`` file with a ``text``
+  field, or a directory of those (joined; 80/20 split like pydoc).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SHARE = 0.8
+BUILTIN = ("pydoc", "c4", "wikitext2")
+
+
+def pydoc_text() -> str:
+    """Python's documentation topics joined in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _local_texts(path: Path) -> list[str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    texts = []
+    for f in files:
+        if f.suffix == ".txt":
+            texts.append(f.read_text(encoding="utf-8"))
+        elif f.suffix in (".json", ".jsonl"):
+            lines = f.read_text(encoding="utf-8").splitlines()
+            try:
+                records = [json.loads(line) for line in lines if line.strip()]
+            except json.JSONDecodeError:
+                records = json.loads("\n".join(lines))
+            if isinstance(records, dict):
+                records = [records]
+            texts.extend(r["text"] for r in records if isinstance(r, dict) and "text" in r)
+    if not texts:
+        raise ValueError(f"no text found in {path} (expected .txt, or .json/.jsonl with a 'text' field)")
+    return texts
+
+
+def _data_dir() -> Path | None:
+    d = os.environ.get("OPTIMA_DATA_DIR")
+    return Path(d) if d else None
+
+
+class DatasetUnavailableError(OSError):
+    """A hub dataset could not be loaded (typically: offline)."""
+
+
+def _hub_error(name: str, err: Exception) -> DatasetUnavailableError:
+    return DatasetUnavailableError(
+        f"could not load {name} ({type(err).__name__}: {err}); on an offline machine put local copies "
+        f"in a folder and set OPTIMA_DATA_DIR to it (see optima_plugin.data), or pass a local text/JSONL path"
+    )
+
+
+def load_c4(split: str) -> list[str]:
+    """C4 documents (Wanda's shard): ``split`` is ``train`` or ``validation``."""
+    from datasets import load_dataset
+
+    files = {"train": "c4-train.00000-of-01024.json.gz", "validation": "c4-validation.00000-of-00008.json.gz"}
+    local = _data_dir()
+    try:
+        if local is not None:
+            found = sorted(local.glob(files[split].replace(".json.gz", ".json*")))
+            if not found:
+                raise FileNotFoundError(f"{files[split]} not in OPTIMA_DATA_DIR={local}")
+            ds = load_dataset("json", data_files={split: [str(f) for f in found]}, split=split)
+        else:
+            ds = load_dataset("allenai/c4", data_files={split: f"en/{files[split]}"}, split=split)
+    except Exception as e:  # noqa: BLE001 - any hub/offline failure gets the same advice
+        raise _hub_error("c4", e) from e
+    return list(ds["text"])
+
+
+def load_wikitext2(split: str) -> list[str]:
+    """WikiText-2 raw lines: ``split`` is ``train`` or ``test``."""
+    from datasets import load_dataset
+
+    local = _data_dir()
+    try:
+        if local is not None:
+            folder = local / "wikitext-2-raw-v1"
+            if (folder / f"{split}.txt").exists():
+                ds = load_dataset("text", data_files={split: str(folder / f"{split}.txt")}, split=split)
+            else:
+                ds = load_dataset(str(local / "wikitext"), "wikitext-2-raw-v1", split=split)
+        else:
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error("wikitext2", e) from e
+    return list(ds["text"])
+
+
+def _joined_source_tokens(source: str, tokenizer) -> torch.Tensor:
+    if source == "pydoc":
+        text = pydoc_text()
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"dataset {source!r} is neither one of {', '.join(BUILTIN)} nor an existing local path"
+            )
+        text = "\n\n".join(_local_texts(path))
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
+    if ids.numel() <= seqlen:
+        raise ValueError(f"{what} has {ids.numel()} tokens, too few for --seqlen {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``(nsamples, seqlen)`` int64 calibration windows from ``source``."""
+    if source == "c4":
+        docs = load_c4("train")
+        rng = random.Random(seed)
+        out = []
+        while len(out) < nsamples:  # Wanda: a random document longer than seqlen, a random window
+            ids = tokenizer(docs[rng.randint(0, len(docs) - 1)], return_tensors="pt").input_ids[0]
+            if ids.numel() > seqlen:
+                s = rng.randint(0, ids.numel() - seqlen - 1)
+                out.append(ids[s : s + seqlen])
+        return torch.stack(out)
+    if source == "wikitext2":
+        ids = tokenizer("\n\n".join(load_wikitext2("train")), return_tensors="pt").input_ids[0]
+        return _random_windows(ids, nsamples, seqlen, seed, "wikitext2 train")
+    ids = _joined_source_tokens(source, tokenizer)
+    head = ids[: int(CALIBRATION_SHARE * ids.numel())]
+    return _random_windows(head, nsamples, seqlen, seed, f"the first 80% of {source}")
+
+
+def get_eval_tokens(source: str, tokenizer, seqlen: int = 2048) -> torch.Tensor:
+    """``(1, N)`` int64 evaluation tokens of ``source`` (held-out part for pydoc/local text)."""
+    if source == "c4":
+        # Wanda: the first 1100 validation documents joined by spaces, first 256 windows.
+        ids = tokenizer(" ".join(load_c4("validation")[:1100]), return_tensors="pt").input_ids
+        return ids[:, : 256 * seqlen]
+    if source == "wikitext2":
+        return tokenizer("\n\n".join(load_wikitext2("test")), return_tensors="pt").input_ids
+    ids = _joined_source_tokens(source, tokenizer)
+    return ids[int(CALIBRATION_SHARE * ids.numel()) :].unsqueeze(0)

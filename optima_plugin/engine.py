@@ -1,0 +1,247 @@
+"""Block-by-block sequential pruning of a decoder-only model.
+
+    capture block-0 inputs and every block's call kwargs
+    for each block:
+        onload to the device
+        pass 1: forward hooks stream one Hessian per distinct input
+        per linear: allocate ratio → select mask → update weights → keep the better
+        pass 2: recompute the block's outputs with the pruned block (next inputs)
+        offload
+
+The engine knows no selector, allocator, updater or solver by name: it looks
+them up in the plugin registries and announces its progress through the event
+hooks (see :mod:`optima_plugin.hookspecs`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .allocators import AllocationContext
+from .capture import capture_block_inputs, run_block
+from .config import PruneConfig
+from .data import get_calibration
+from .hessian import attach
+from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
+from .plugins import get_plugin_manager, lookup
+from .solvers import get_solver
+from .solvers.problem import reconstruction_error
+from .updaters import UpdateOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerResult:
+    """What happened to one linear layer (one row of the report's ``layers``)."""
+
+    name: str
+    block: int
+    shape: list
+    ratio: float
+    sparsity: float
+    error_ratio: Optional[float]
+    objective: Optional[float]
+    mask_objective: Optional[float]
+    accepted: bool
+    seconds: float
+    update: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without a GPU fails."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def blocks_path(adapter: ModelAdapter) -> str:
+    """The dotted name of the decoder block list inside the model (e.g. ``model.layers``)."""
+    for name, module in adapter.model.named_modules():
+        if module is adapter.blocks:
+            return name
+    raise ValueError("the adapter's block list is not a submodule of its model")
+
+
+def prunable_linears(adapter: ModelAdapter, skip_attention: bool) -> dict[str, nn.Linear]:
+    """``{full name: linear}`` of every linear the run prunes, in block order."""
+    prefix = blocks_path(adapter)
+    out = {}
+    for i, block in enumerate(adapter.blocks):
+        for rel, lin in block_linears(block).items():
+            if skip_attention and is_attention(rel):
+                continue
+            out[f"{prefix}.{i}.{rel}"] = lin
+    return out
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"--seqlen {seqlen} is beyond the model's context of {limit} tokens")
+
+
+@contextmanager
+def _hooks_removed(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True) -> dict:
+    """Prune ``model`` in place as ``config`` says; return the JSON-ready report.
+
+    The report holds ``sparsity`` (zero fraction over the pruned linears),
+    ``layers`` (one :class:`LayerResult` dict each), ``options`` and ``timings``.
+    """
+    from .observers import ProgressObserver, ReportObserver
+
+    config.validate()
+    pattern = config.pattern
+    selector = lookup("selectors", config.prune_method, "--prune_method")
+    updater = lookup("updaters", config.weight_update, "--weight_update")
+    allocator = lookup("allocators", config.allocation, "--allocation")
+    if config.weight_update == "optima":
+        get_solver(config.solver)
+    if config.nsamples % config.batch_size:
+        raise ValueError(f"--nsamples {config.nsamples} must be a multiple of --batch_size {config.batch_size}")
+    device = resolve_device(config.device)
+    offload = config.offload if config.offload is not None else device.type == "cuda"
+    adapter = get_adapter(model)
+    check_seqlen(model, config.seqlen)
+    linears = prunable_linears(adapter, config.skip_attention)
+    for name, lin in linears.items():
+        pattern.check_columns(lin.in_features, name)
+    ratios = allocator.layer_ratios(AllocationContext(model, adapter, config.sparsity_ratio, linears))
+    if pattern.structured:
+        ratios = {name: pattern.ratio for name in linears}
+
+    pm = get_plugin_manager()
+    observers = [ProgressObserver(disable=not progress), ReportObserver()]
+    for obs in observers:
+        pm.register(obs)
+    try:
+        t_start = time.perf_counter()
+        tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
+        if not offload:
+            model.to(device)
+        storage = torch.device("cpu") if offload else device
+        inputs, block_kwargs = capture_block_inputs(
+            adapter, tokens, device=device, batch_size=config.batch_size, storage_device=storage
+        )
+        t_capture = time.perf_counter() - t_start
+        hdtype = torch.float64 if config.double_precision else torch.float32
+        options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision)
+        num_blocks = len(adapter.blocks)
+        prefix = blocks_path(adapter)
+        pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
+        for i, block in enumerate(adapter.blocks):
+            t_block = time.perf_counter()
+            pm.hook.optima_block_started(index=i, num_blocks=num_blocks)
+            block.to(device)
+            names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
+            todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
+            hessians = _block_hessians(block, todo, input_groups(block), inputs, block_kwargs[i], config, device, hdtype)
+            for rel, lin in todo.items():
+                result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
+                                       selector, updater, options)
+                pm.hook.optima_layer_done(result=result)
+            del hessians
+            _propagate(block, inputs, block_kwargs[i], config.batch_size, device)
+            if offload:
+                block.to("cpu")
+            pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=time.perf_counter() - t_block)
+        report = {
+            "sparsity": _sparsity(linears.values()),
+            "options": config.to_dict(),
+            "device": str(device),
+            "offload": offload,
+            "layers": observers[1].layers,
+            "timings": {
+                "capture_seconds": t_capture,
+                "block_seconds": observers[1].block_seconds,
+                "prune_seconds": time.perf_counter() - t_start,
+            },
+        }
+        pm.hook.optima_run_done(report=report)
+        return report
+    finally:
+        for obs in observers:
+            pm.unregister(obs)
+
+
+def _block_hessians(block, todo, groups, inputs, kwargs, config, device, dtype) -> dict:
+    """Pass 1: one streamed Hessian per distinct input of the linears in ``todo``."""
+    owners = {}  # linear rel name -> the group member the hook sits on
+    for group in groups:
+        members = [g for g in group if g in todo]
+        for g in members:
+            owners[g] = members[0]
+    for rel in todo:
+        owners.setdefault(rel, rel)
+    hooked = sorted(set(owners.values()))
+    accs, handles = attach([todo[rel] for rel in hooked], dtype)
+    with _hooks_removed(handles), torch.no_grad():
+        for start in range(0, inputs.shape[0], config.batch_size):
+            run_block(block, inputs[start : start + config.batch_size].to(device), kwargs)
+    by_owner = dict(zip(hooked, accs))
+    return {rel: by_owner[owners[rel]].hessian for rel in todo}
+
+
+def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options) -> LayerResult:
+    t0 = time.perf_counter()
+    dense = lin.weight.detach()
+    work = dense.float() if dense.dtype not in (torch.float32, torch.float64) else dense
+    selection = selector.select(work, hessian, ratio, pattern)
+    upd = updater.update(dense, selection, hessian, options)
+    new = upd.weight.to(dense.dtype)
+    mask_only = dense.masked_fill(selection.pruned, 0)
+    accepted = True
+    objective = mask_objective = error_ratio = None
+    if hessian is not None:
+        mask_objective = reconstruction_error(dense, mask_only, hessian)
+        objective = reconstruction_error(dense, new, hessian)
+        if objective > mask_objective:  # keep the better of before/after
+            log.warning("%s: update is worse than the mask alone (%.4g > %.4g); keeping the mask only",
+                        name, objective, mask_objective)
+            new, objective, accepted = mask_only, mask_objective, False
+        error_ratio = objective / mask_objective if mask_objective > 0 else (0.0 if objective == 0 else 1.0)
+    with torch.no_grad():
+        lin.weight.copy_(new.masked_fill(selection.pruned, 0))
+    return LayerResult(
+        name=name, block=block_index, shape=list(dense.shape),
+        ratio=float(ratio) if not torch.is_tensor(ratio) else float(ratio.float().mean()),
+        sparsity=float((lin.weight == 0).float().mean()), error_ratio=error_ratio,
+        objective=objective, mask_objective=mask_objective, accepted=accepted,
+        seconds=time.perf_counter() - t0, update=upd.stats,
+    )
+
+
+def _propagate(block, inputs, kwargs, batch_size, device) -> None:
+    """Pass 2: replace ``inputs`` in place by the pruned block's outputs."""
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            out = run_block(block, inputs[start : start + batch_size].to(device), kwargs)
+            inputs[start : start + batch_size] = out.to(inputs.device, inputs.dtype)
+
+
+def _sparsity(linears) -> float:
+    zeros = total = 0
+    for lin in linears:
+        zeros += int((lin.weight == 0).sum())
+        total += lin.weight.numel()
+    return zeros / total if total else 0.0

@@ -1,0 +1,12 @@
+"""Built-in mask selectors (mask True = pruned); see ``base.py`` for the interface."""
+
+from .base import MaskSelector, Selection
+from .magnitude import MagnitudeSelector
+from .sparsegpt import SparseGPTSelector
+from .thanos import ThanosSelector
+from .wanda import WandaSelector
+
+BUILTIN_SELECTORS = [MagnitudeSelector(), WandaSelector(), SparseGPTSelector(), ThanosSelector()]
+
+__all__ = ["BUILTIN_SELECTORS", "MagnitudeSelector", "MaskSelector", "SparseGPTSelector", "Selection",
+           "ThanosSelector", "WandaSelector"]

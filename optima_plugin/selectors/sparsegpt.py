@@ -1,0 +1,73 @@
+"""SparseGPT (Frantar & Alistarh, 2023): mask selection and OBS update together.
+
+Columns are visited in blocks of 128. Unstructured: at the start of each block
+the weights with the smallest ``w² / diag(Hinv)²`` in the block are pruned
+(one threshold over the block, as the original; per-row thresholds when
+per-row ratios are given). N:M: every ``M`` columns the ``N`` smallest of each
+group. Each pruned weight's error is spread over the later columns with the
+upper Cholesky factor of ``Hd⁻¹``; the loop over columns is sequential, every
+step vectorised over rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..solvers.problem import damp_hessian, inverse_spd
+from ..sparsity import Pattern, row_mask
+from .base import Ratio, Selection, check_ratio
+
+BLOCKSIZE = 128
+DAMP = 0.01
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, pattern: Pattern,
+                    blocksize: int = BLOCKSIZE, damp: float = DAMP) -> Selection:
+    """Return SparseGPT's mask and updated weights (float32, ``r x d``) for one layer."""
+    w = weight.detach().float().clone()
+    h = hessian.to(device=w.device, dtype=torch.float32)
+    dead = h.diagonal() == 0
+    w[:, dead] = 0
+    hinv = torch.linalg.cholesky(inverse_spd(damp_hessian(h, damp)), upper=True)
+    r, d = w.shape
+    pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
+    for i1 in range(0, d, blocksize):
+        i2 = min(i1 + blocksize, d)
+        w1 = w[:, i1:i2].clone()
+        h1 = hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        if not pattern.structured:
+            score = w1**2 / h1.diagonal().unsqueeze(0) ** 2
+            if torch.is_tensor(ratio):
+                m1 = row_mask(score, ratio)
+            else:
+                k = int(score.numel() * ratio)
+                m1 = torch.zeros_like(score, dtype=torch.bool)
+                if k:
+                    m1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+        else:
+            m1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern.structured and i % pattern.m == 0:
+                score = w1[:, i : i + pattern.m] ** 2 / h1.diagonal()[i : i + pattern.m].unsqueeze(0) ** 2
+                idx = torch.topk(score, pattern.n, dim=1, largest=False).indices
+                m1[:, i : i + pattern.m].scatter_(1, idx, True)
+            q = w1[:, i].masked_fill(m1[:, i], 0.0)
+            err = (w1[:, i] - q) / h1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        pruned[:, i1:i2] = m1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return Selection(pruned, w.masked_fill_(pruned, 0.0))
+
+
+class SparseGPTSelector:
+    name = "sparsegpt"
+    needs_hessian = True
+
+    def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:
+        if not pattern.structured:
+            check_ratio(ratio)
+        return sparsegpt_prune(weight, hessian, ratio, pattern)

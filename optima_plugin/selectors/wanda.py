@@ -1,0 +1,23 @@
+"""Wanda: score ``|W_ij| · ‖x_j‖``, compared within each output row (N:M within groups)."""
+
+from __future__ import annotations
+
+from ..sparsity import Pattern, nm_mask, row_mask
+from .base import Ratio, Selection, check_ratio
+
+
+def wanda_scores(weight, hessian):
+    """``r x d`` Wanda scores; ``diag(hessian)`` is the mean squared input norm per column."""
+    return weight.detach().abs().float() * hessian.diagonal().clamp_min(0).sqrt().to(weight.device).float()
+
+
+class WandaSelector:
+    name = "wanda"
+    needs_hessian = True
+
+    def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:
+        score = wanda_scores(weight, hessian)
+        if pattern.structured:
+            return Selection(nm_mask(score, pattern))
+        check_ratio(ratio)
+        return Selection(row_mask(score, ratio))

@@ -1,0 +1,72 @@
+"""Weight updaters: what happens to the kept weights once a mask is chosen.
+
+* ``none``: mask only, kept weights untouched;
+* ``native``: the selector's own update (SparseGPT, Thanos), mask only otherwise;
+* ``optima``: the exact reconstruction (:func:`optima_plugin.reconstruct`) from the
+  dense weights, for the mask of any selector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import Tensor
+
+from ..selectors.base import Selection
+from ..solvers import reconstruct
+
+
+@dataclass
+class Update:
+    """An updater's answer: ``weight`` (``r x d``, pruned entries 0) and solver stats."""
+
+    weight: Tensor
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class UpdateOptions:
+    """Solver settings an updater may use."""
+
+    solver: str = "pcg"
+    damp: float = 0.01
+    tol: Optional[float] = None
+    max_iter: Optional[int] = None
+    double_precision: bool = False
+
+
+class NoUpdate:
+    name = "none"
+    needs_hessian = False
+
+    def update(self, weight: Tensor, selection: Selection, hessian: Optional[Tensor],
+               options: UpdateOptions) -> Update:
+        return Update(weight.masked_fill(selection.pruned, 0))
+
+
+class NativeUpdate:
+    name = "native"
+    needs_hessian = False
+
+    def update(self, weight: Tensor, selection: Selection, hessian: Optional[Tensor],
+               options: UpdateOptions) -> Update:
+        if selection.weight is None:
+            return Update(weight.masked_fill(selection.pruned, 0))
+        return Update(selection.weight.to(weight.dtype).masked_fill(selection.pruned, 0))
+
+
+class OptimaUpdate:
+    name = "optima"
+    needs_hessian = True
+
+    def update(self, weight: Tensor, selection: Selection, hessian: Optional[Tensor],
+               options: UpdateOptions) -> Update:
+        res = reconstruct(weight, selection.pruned, hessian, solver=options.solver, damp=options.damp,
+                          tol=options.tol, max_iter=options.max_iter,
+                          double_precision=options.double_precision)
+        stats = {k: res.stats()[k] for k in ("solver", "iterations", "converged", "kkt_residual", "seconds")}
+        return Update(res.weight, stats)
+
+
+BUILTIN_UPDATERS = [NoUpdate(), NativeUpdate(), OptimaUpdate()]

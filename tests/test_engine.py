@@ -1,0 +1,153 @@
+"""The pruning engine end to end on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from optima_plugin import check_sparsity, hookimpl, prune
+from optima_plugin.plugins import get_plugin_manager, registry
+from optima_plugin.selectors.base import Selection
+from optima_plugin.testing import tiny_model, tiny_tokenizer
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma2", "gemma3", "opt"]
+FAST = dict(nsamples=4, seqlen=64, calibration_dataset="pydoc")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def _block_linears(report):
+    return {layer["name"]: layer for layer in report["layers"]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_prunes_and_improves(arch, tokenizer):
+    model = tiny_model(arch)
+    head = model.get_output_embeddings().weight.detach().clone()
+    emb = model.get_input_embeddings().weight.detach().clone()
+    report = prune(model, tokenizer, prune_method="wanda", sparsity_ratio=0.5, progress=False, **FAST)
+    assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(report["layers"]) > 0
+    for layer in report["layers"]:
+        assert layer["sparsity"] == pytest.approx(0.5, abs=0.02), layer["name"]
+        assert layer["error_ratio"] < 1.0, layer["name"]
+    # embeddings and LM head are never pruned
+    assert torch.equal(model.get_output_embeddings().weight, head)
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "thanos"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_selectors_and_updates_order(method, pattern, tokenizer):
+    """On block 0 (same inputs for all runs): optima <= native <= mask only."""
+    base = tiny_model("llama")
+    errs = {}
+    for update in ("none", "native", "optima"):
+        model = copy.deepcopy(base)
+        report = prune(model, tokenizer, prune_method=method, sparsity_ratio=0.5, sparsity_type=pattern,
+                       weight_update=update, progress=False, **FAST)
+        block0 = [x for x in report["layers"] if x["block"] == 0]
+        errs[update] = sum(x["objective"] for x in block0)
+        if pattern == "2:4":
+            for lin in (m for n, m in model.named_modules() if n.endswith("proj")):
+                groups = (lin.weight == 0).reshape(lin.weight.shape[0], -1, 4).sum(-1)
+                assert bool((groups >= 2).all())
+    assert errs["optima"] <= errs["native"] * (1 + 1e-5)
+    assert errs["native"] <= errs["none"] * (1 + 1e-5)
+    if method in ("magnitude", "wanda"):
+        assert errs["native"] == pytest.approx(errs["none"])
+    assert errs["optima"] < 0.9 * errs["none"]
+
+
+def test_skip_attention_leaves_attention_dense(tokenizer):
+    model = tiny_model("llama")
+    report = prune(model, tokenizer, sparsity_ratio=0.5, skip_attention=True, progress=False, **FAST)
+    assert all("mlp" in x["name"] for x in report["layers"])
+    for name, mod in model.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")):
+            assert (mod.weight == 0).float().mean() < 0.01
+
+
+def test_report_json_and_options(tmp_path, tokenizer):
+    model = tiny_model("qwen2")
+    path = tmp_path / "report.json"
+    prune(model, tokenizer, sparsity_ratio=0.6, report=str(path), progress=False, **FAST)
+    report = json.loads(path.read_text())
+    assert report["options"]["sparsity_ratio"] == 0.6
+    assert report["sparsity"] == pytest.approx(check_sparsity(model), abs=1e-6)
+    layer = report["layers"][0]
+    for key in ("name", "sparsity", "error_ratio", "update", "ratio"):
+        assert key in layer
+    assert layer["update"]["solver"] == "pcg"
+    assert report["timings"]["prune_seconds"] > 0
+    assert report["memory"]["peak_rss_mb"] > 0
+
+
+def test_batch_size_gives_same_result(tokenizer):
+    a, b = tiny_model("llama"), tiny_model("llama")
+    prune(a, tokenizer, progress=False, batch_size=1, **FAST)
+    prune(b, tokenizer, progress=False, batch_size=2, **FAST)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-4), n
+
+
+class _EveryOtherColumn:
+    """A custom selector: prunes even input columns (for the plugin test)."""
+
+    name = "every_other_column"
+    needs_hessian = False
+
+    def select(self, weight, hessian, ratio, pattern):
+        pruned = torch.zeros_like(weight, dtype=torch.bool)
+        pruned[:, ::2] = True
+        return Selection(pruned)
+
+
+class _CustomPlugin:
+    @hookimpl
+    def optima_selectors(self):
+        return [_EveryOtherColumn()]
+
+
+def test_custom_selector_plugin(tokenizer):
+    pm = get_plugin_manager()
+    plugin = _CustomPlugin()
+    pm.register(plugin)
+    try:
+        assert "every_other_column" in registry("selectors")
+        model = tiny_model("llama")
+        report = prune(model, tokenizer, prune_method="every_other_column", progress=False, **FAST)
+        assert report["sparsity"] == pytest.approx(0.5)
+        lin = model.model.layers[0].mlp.down_proj
+        assert bool((lin.weight[:, ::2] == 0).all())
+        assert bool((lin.weight[:, 1::2] != 0).all())
+    finally:
+        pm.unregister(plugin)
+    assert "every_other_column" not in registry("selectors")
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(sparsity_ratio=1.0), r"--sparsity_ratio must be in \[0, 1\)"),
+        (dict(sparsity_type="4:4"), "0 < N < M"),
+        (dict(sparsity_type="2:5"), "does not divide"),
+        (dict(prune_method="nope"), "known: magnitude, sparsegpt, thanos, wanda"),
+        (dict(weight_update="nope"), "known: native, none, optima"),
+        (dict(solver="nope"), "known solvers"),
+        (dict(seqlen=100000), "beyond the model's context"),
+        (dict(bogus=1), "unknown option"),
+    ],
+)
+def test_bad_options(options, match, tokenizer):
+    opts = dict(FAST, **options)
+    with pytest.raises((ValueError, TypeError), match=match):
+        prune(tiny_model("llama"), tokenizer, progress=False, **opts)
