@@ -115,6 +115,7 @@ def main(argv=None):
     ap.add_argument("--subset", type=int, default=256, help="rows for direct/pdhg on big layers")
     ap.add_argument("--no-real", action="store_true", help="skip the SmolLM2 layers")
     ap.add_argument("--real-layers", type=int, default=3, help="blocks of SmolLM2 to sample")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
@@ -126,6 +127,7 @@ def main(argv=None):
     print("-" * len(header))
 
     def run(name, w, h):
+        w, h = w.to(args.device), h.to(args.device)
         for row in bench_layer(name, w, h, args.ratio, args.solvers, args.subset):
             rows.append(row)
             print(f"{row['layer']:38} {row['solver']:9} {row['rows']:5d} {row['seconds']:8.3f} "
