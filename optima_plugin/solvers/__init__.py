@@ -1,6 +1,6 @@
 """Batched solvers for the layer-wise reconstruction QP (see ``problem.py``)."""
 
-from . import adam, direct, pcg, sparsegpt  # noqa: F401  (register solvers)
+from . import adam, direct, pcg, pdhg, sparsegpt  # noqa: F401  (register solvers)
 from .base import SOLVERS, SolverOutput, get_solver, register_solver
 from .problem import Problem, damp_hessian, prepare
 from .reconstruct import Reconstruction, reconstruct
