@@ -17,8 +17,11 @@ Stopping is certified per row. CG increases the dual value
 step, and the feasible weights it implies have objective at most
 ``D + ρᵀ Hd ρ`` (``ρ`` the residual on ``P``). A row stops once
 ``ρᵀ Hd ρ <= tol · D``, i.e. once its damped objective is provably within a
-relative ``tol`` of its optimum. The GEMM that certifies is only paid once a
-row's CG step ``α·rᵀs`` itself is below ``tol · D``.
+relative ``tol`` of its optimum. The GEMM that certifies is only paid for rows
+whose CG step ``α·rᵀs`` is below ``CERTIFY_AT · tol · D``: on real and synthetic
+layers ``ρᵀ Hd ρ`` is 3-5x smaller than the step that produced it, so most rows
+certify one iteration earlier than a step-only test would let them, and the few
+that fail simply go on iterating.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from .problem import Problem, inverse_spd
 
 DEFAULT_TOL = 1e-5
 DEFAULT_MAX_ITER = 300
+#: rows whose CG step is below ``CERTIFY_AT · tol · D`` are certified (one GEMM on those rows)
+CERTIFY_AT = 4.0
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -81,7 +86,7 @@ def dual_pcg(
         res.addcmul_(alpha, gp, value=-1.0)
         step = alpha.squeeze(1) * rs
         dual += step
-        done = step <= tol * dual
+        done = step <= CERTIFY_AT * tol * dual
         if bool(done.any()):
             cand = torch.nonzero(done).squeeze(1)
             rc = res[cand]
