@@ -13,7 +13,8 @@ from torch import nn
 
 from .config import PruneConfig
 from .engine import prune_model
-from .evaluation import eval_ppl
+from .evaluation import eval_ppl, eval_zero_shot
+from .evaluation.zero_shot import check_tasks
 from .loading import save_model
 from .memory import PeakMemory
 from .sparsity import check_sparsity
@@ -31,9 +32,18 @@ def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> d
     config = PruneConfig.from_options(**options)
     if config.save_model:
         _check_target(config.save_model, config.overwrite)
+    if config.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
+    if config.eval_zero_shot and not config.eval_dense:
+        check_tasks(config.eval_zero_shot, config.tasks_dir)  # fail before the prune, not after it
     ppl: dict = {}
-    if config.eval_dense:
+    zero_shot: dict = {}
+    if config.eval_dense and config.eval_ppl:
         ppl["dense"] = _evaluate(model, tokenizer, config)
+    if config.eval_dense and config.eval_zero_shot:
+        zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         report = prune_model(model, tokenizer, config, progress=progress)
@@ -42,18 +52,33 @@ def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> d
     if config.eval_ppl:
         ppl["pruned"] = _evaluate(model, tokenizer, config)
         report["ppl"] = ppl
+    if config.eval_zero_shot:
+        zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
+        report["zero_shot"] = zero_shot
     if config.save_model:
         save_model(model, tokenizer, config.save_model, overwrite=config.overwrite)
         report["saved_to"] = str(config.save_model)
     if config.report:
         Path(config.report).write_text(json.dumps(report, indent=1))
+    if config.plot:
+        from .plot import plot_report
+
+        plot_report(report, config.plot)
     return report
 
 
 def _evaluate(model, tokenizer, config: PruneConfig) -> dict:
     # Runs where the model's weights are (on CPU after an offloaded prune).
-    return {ds: eval_ppl(model, tokenizer, ds, config.seqlen, max_windows=config.eval_max_windows)
+    return {ds: eval_ppl(model, tokenizer, ds, config.seqlen, max_windows=config.eval_max_windows,
+                         batch_size=config.eval_batch_size)
             for ds in config.eval_ppl}
+
+
+def _zero_shot(model, tokenizer, config: PruneConfig, progress: bool) -> dict:
+    # Like perplexity: on the in-memory model, where its weights are.
+    return eval_zero_shot(model, tokenizer, config.eval_zero_shot, tasks_dir=config.tasks_dir,
+                          batch_size=config.eval_batch_size, limit=config.eval_limit,
+                          num_fewshot=config.num_fewshot, progress=progress)
 
 
 def _check_target(directory: str, overwrite: bool) -> None:
@@ -120,4 +145,4 @@ def prune_and_quantize(
     )
 
 
-__all__ = ["check_sparsity", "eval_ppl", "prune", "prune_and_quantize"]
+__all__ = ["check_sparsity", "eval_ppl", "eval_zero_shot", "prune", "prune_and_quantize"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .allocators import BUILTIN_ALLOCATORS
+from .allocators import BUILTIN_ALLOCATORS, BUILTIN_ROW_ALLOCATORS
 from .hookspecs import hookimpl
 from .selectors import BUILTIN_SELECTORS
 from .updaters import BUILTIN_UPDATERS
@@ -16,6 +16,10 @@ class BuiltinRegistry:
     @hookimpl
     def optima_allocators(self):
         return list(BUILTIN_ALLOCATORS)
+
+    @hookimpl
+    def optima_row_allocators(self):
+        return list(BUILTIN_ROW_ALLOCATORS)
 
     @hookimpl
     def optima_updaters(self):

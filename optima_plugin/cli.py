@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import PruneConfig
+from .evaluation.zero_shot import DEFAULT_TASKS
 from .plugins import registry
 
 log = logging.getLogger("optima_plugin")
@@ -32,7 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sparsity_type", default=d.sparsity_type, help="unstructured or N:M (e.g. 2:4)")
     a("--weight_update", default=d.weight_update, help="none, native (the selector's own) or optima")
     a("--solver", default=d.solver, help="OPTIMA solver: pcg, direct, pdhg, adam")
-    a("--allocation", default=d.allocation, help="sparsity allocation across layers")
+    a("--allocation", default=d.allocation, help="sparsity allocation across layers: uniform, owl, alphapruning, "
+      "or a plugin's (--prune_method wanda_owl / wanda_alpha / magnitude_owl / magnitude_alpha set both)")
+    a("--use_trim", action="store_true", help="TRIM: per-row ratios around each layer's ratio (unstructured only)")
+    a("--Lamda", type=float, default=d.Lamda, help="OWL: block ratios span target ± 2·Lamda")
+    a("--Hyper_m", type=float, default=d.Hyper_m, help="OWL: outlier = Wanda score above Hyper_m × the block mean")
+    a("--epsilon", type=float, default=d.epsilon, help="AlphaPruning: ratios span about target·(1 ± epsilon)")
+    a("--mapping_type", default=d.mapping_type, help="AlphaPruning: block_wise (mean alpha per block) or layer_wise")
+    a("--qmetric", default=d.qmetric, help="TRIM layer metric: cosim_flat, cosim_dim, mse, snr, psnr")
+    a("--qmetric_dimwise", default=d.qmetric_dimwise, help="TRIM per-row metric: cosim, mse, snr")
+    a("--iterations", type=int, default=d.iterations, help="TRIM iterations per learning rate")
+    a("--forbid_neg_lr", action="store_true", help="TRIM: do not try negative learning rates")
+    a("--input_recalc", action="store_true",
+      help="recompute each input group's Hessian after the block's earlier linears are pruned")
+    a("--save_layer_ratio", metavar="FILE", help="write the layer ratios to FILE (.json or .npy)")
+    a("--load_layer_ratio", metavar="FILE", help="read the layer ratios from FILE (.json or .npy) instead of allocating")
     a("--nsamples", type=int, default=d.nsamples, help="calibration windows")
     a("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
     a("--seed", type=int, default=d.seed)
@@ -48,12 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
       help="keep the model on CPU and onload one block at a time (default: on with a GPU)")
     a("--eval_ppl", default="", help="comma-separated datasets for perplexity (e.g. pydoc,wikitext2)")
     a("--eval_max_windows", type=int, default=None, help="cap on perplexity windows")
-    a("--no_dense_eval", action="store_true", help="skip the dense perplexity before pruning")
+    a("--eval_zero_shot", nargs="?", const=",".join(DEFAULT_TASKS), default="", metavar="TASKS",
+      help="comma-separated lm-eval tasks for zero-shot accuracy (bare flag: %(const)s)")
+    a("--tasks_dir", help="directory of local lm-eval task YAMLs and their data (offline; see examples/tasks)")
+    a("--eval_batch_size", type=int, default=d.eval_batch_size, help="sequences per forward when evaluating")
+    a("--eval_limit", type=_count_or_fraction, default=None,
+      help="at most this many examples per zero-shot task (a fraction if < 1); for quick runs")
+    a("--num_fewshot", type=int, default=d.num_fewshot, help="few-shot examples per zero-shot question")
+    a("--no_dense_eval", action="store_true", help="skip the dense evaluation (perplexity, zero-shot) before pruning")
+    a("--plot", help="per-layer figure (.png, .pdf, .svg): reconstruction error before/after the update, sparsity")
     a("--save_model", help="directory to save the pruned model and tokenizer")
     a("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
     a("--report", help="write the JSON report to this file")
     a("--quiet", action="store_true", help="no progress bars or info logs")
     return p
+
+
+def _count_or_fraction(text: str):
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
 
 
 def _load(args):
@@ -66,8 +94,9 @@ def _load(args):
     return load_model(args.model, gguf_file=args.gguf_file, dtype=dtype)
 
 
-def print_summary(report: dict, out=sys.stdout) -> None:
-    """A short human-readable table of the report."""
+def print_summary(report: dict, out=None) -> None:
+    """A short human-readable table of the report (to ``out``, default the current ``sys.stdout``)."""
+    out = out or sys.stdout
     layers = report["layers"]
     opts = report["options"]
     print(f"\n{opts['prune_method']} + {opts['weight_update']}"
@@ -82,6 +111,11 @@ def print_summary(report: dict, out=sys.stdout) -> None:
         sp = sum(x["sparsity"] for x in items) / len(items)
         print(f"{kind:28} {len(items):4d} {sp:9.4f} {sum(er) / len(er) if er else float('nan'):12.4f}", file=out)
     print(f"overall sparsity {report['sparsity']:.4f}", file=out)
+    ratios = [x["ratio"] for x in layers]
+    if ratios and (max(ratios) - min(ratios) > 1e-9 or opts.get("use_trim")):
+        stds = [x["rows"]["std"] for x in layers if x.get("rows")]
+        print(f"layer ratios {min(ratios):.4f}..{max(ratios):.4f} ({opts.get('allocation', 'uniform')})"
+              + (f", TRIM row ratio std {sum(stds) / len(stds):.4f} on average" if stds else ""), file=out)
     t = report["timings"]
     mem = report.get("memory", {})
     print(f"prune time {t['prune_seconds']:.1f} s, peak RSS {mem.get('peak_rss_mb', float('nan')):.0f} MB"
@@ -89,6 +123,32 @@ def print_summary(report: dict, out=sys.stdout) -> None:
     for stage, values in report.get("ppl", {}).items():
         for ds, v in values.items():
             print(f"perplexity {ds:10} {stage:7} {v:10.3f}", file=out)
+    if report.get("zero_shot"):
+        print_zero_shot(report["zero_shot"], out)
+
+
+def print_zero_shot(zero_shot: dict, out=None) -> None:
+    """The ``zero_shot`` report entry as a table: acc and acc_norm per task, dense and pruned side by side."""
+    out = out or sys.stdout
+    stages = [s for s in ("dense", "pruned") if s in zero_shot]
+    first = zero_shot[stages[0]]
+    names = list(dict.fromkeys(name for s in stages for name in zero_shot[s]["tasks"]))
+    width = max([len("average (acc)")] + [len(n) for n in names])
+    setting = f"{first.get('num_fewshot', 0)}-shot" + (f", limit {first['limit']}" if first.get("limit") else "")
+    print(f"\nzero-shot accuracy ({setting})", file=out)
+    print(f"{'task':{width}} {'n':>6}" + "".join(f" {s + ' acc':>12} {'acc_norm':>9}" for s in stages), file=out)
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for name in names:
+        rows = [zero_shot[s]["tasks"].get(name, {}) for s in stages]
+        n = next((r["samples"] for r in rows if "samples" in r), "")
+        print(f"{name:{width}} {n:>6}" + "".join(f" {cell(r.get('acc')):>12} {cell(r.get('acc_norm')):>9}"
+                                                  for r in rows), file=out)
+    average = f"{'average (acc)':{width}} {'':>6}" + "".join(f" {cell(zero_shot[s]['average']):>12} {'':>9}"
+                                                           for s in stages)
+    print(average.rstrip(), file=out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -104,13 +164,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = dict(
             prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
             sparsity_type=args.sparsity_type, weight_update=args.weight_update, solver=args.solver,
-            allocation=args.allocation, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            allocation=args.allocation, use_trim=args.use_trim, Lamda=args.Lamda, Hyper_m=args.Hyper_m,
+            epsilon=args.epsilon, mapping_type=args.mapping_type, qmetric=args.qmetric,
+            qmetric_dimwise=args.qmetric_dimwise, iterations=args.iterations, forbid_neg_lr=args.forbid_neg_lr,
+            input_recalc=args.input_recalc, save_layer_ratio=args.save_layer_ratio,
+            load_layer_ratio=args.load_layer_ratio, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
             skip_attention=args.skip_attention, double_precision=args.double_precision,
             damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
             offload=args.offload, eval_ppl=args.eval_ppl, eval_max_windows=args.eval_max_windows,
-            eval_dense=bool(args.eval_ppl) and not args.no_dense_eval, save_model=args.save_model,
-            overwrite=args.overwrite, report=args.report,
+            eval_zero_shot=args.eval_zero_shot, tasks_dir=args.tasks_dir, eval_batch_size=args.eval_batch_size,
+            eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,
+            eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
+            save_model=args.save_model, overwrite=args.overwrite, report=args.report,
         )
         config = PruneConfig.from_options(**options)
         # Check names before the (slow) model load.
@@ -126,9 +192,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         get_solver(config.solver)
         resolve_device(config.device)
+        if config.eval_zero_shot:
+            from .evaluation.zero_shot import task_manager
+
+            task_manager(config.eval_zero_shot, config.tasks_dir)  # unknown task names
+        if config.plot:
+            from .plot import require_matplotlib
+
+            require_matplotlib()
         model, tokenizer = _load(args)
         report = prune(model, tokenizer, progress=not args.quiet, **options)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
+            ImportError) as e:
         print(f"optima-prune: error: {e}", file=sys.stderr)
         return 2
     print_summary(report)

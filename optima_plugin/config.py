@@ -11,6 +11,16 @@ from typing import Optional
 
 from .sparsity import Pattern, parse_pattern
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+#: The hosts' (TRIM/OWL/AlphaPruning) combined method names: selector + allocation.
+HOST_METHODS = {
+    "wanda_owl": ("wanda", "owl"),
+    "wanda_alpha": ("wanda", "alphapruning"),
+    "magnitude_owl": ("magnitude", "owl"),
+    "magnitude_alpha": ("magnitude", "alphapruning"),
+}
+
 
 @dataclass
 class PruneConfig:
@@ -20,6 +30,18 @@ class PruneConfig:
     weight_update: str = "optima"
     solver: str = "pcg"
     allocation: str = "uniform"
+    use_trim: bool = False
+    Lamda: float = 0.08
+    Hyper_m: float = 5.0
+    epsilon: float = 0.3
+    mapping_type: str = "block_wise"
+    qmetric: str = "cosim_flat"
+    qmetric_dimwise: str = "cosim"
+    iterations: int = 10
+    forbid_neg_lr: bool = False
+    input_recalc: bool = False
+    save_layer_ratio: Optional[str] = None
+    load_layer_ratio: Optional[str] = None
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
@@ -35,6 +57,12 @@ class PruneConfig:
     eval_ppl: list = field(default_factory=list)
     eval_dense: bool = False
     eval_max_windows: Optional[int] = None
+    eval_zero_shot: list = field(default_factory=list)
+    tasks_dir: Optional[str] = None
+    eval_batch_size: int = 1
+    eval_limit: Optional[float] = None
+    num_fewshot: int = 0
+    plot: Optional[str] = None
     save_model: Optional[str] = None
     overwrite: bool = False
     report: Optional[str] = None
@@ -57,7 +85,59 @@ class PruneConfig:
             raise ValueError(f"--damp must be >= 0, got {self.damp}")
         if isinstance(self.eval_ppl, str):
             self.eval_ppl = [s for s in self.eval_ppl.split(",") if s]
+        self._validate_allocation()
+        if isinstance(self.eval_zero_shot, str):
+            self.eval_zero_shot = [s.strip() for s in self.eval_zero_shot.split(",") if s.strip()]
+        if self.eval_batch_size < 1:
+            raise ValueError(f"--eval_batch_size must be a positive integer, got {self.eval_batch_size}")
+        if self.num_fewshot < 0:
+            raise ValueError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise ValueError(f"--eval_limit must be positive (a count, or a fraction below 1), got {self.eval_limit}")
+        if self.plot and not self.plot.lower().endswith(PLOT_FORMATS):
+            raise ValueError(f"--plot {self.plot}: the file name must end with one of {', '.join(PLOT_FORMATS)}")
         return self
+
+    @property
+    def row_allocation(self) -> Optional[str]:
+        """The row allocator's registry name (``trim`` with ``--use_trim``), or None."""
+        return "trim" if self.use_trim else None
+
+    def _validate_allocation(self) -> None:
+        """Host method aliases (``wanda_owl`` = wanda + OWL, ...) and the allocation options."""
+        from .allocators.alphapruning import MAPPING_TYPES
+        from .allocators.ratio_file import check_suffix
+        from .allocators.trim import DIMWISE_QMETRICS, QMETRICS
+
+        if self.prune_method in HOST_METHODS:
+            selector, allocation = HOST_METHODS[self.prune_method]
+            if self.allocation not in ("uniform", allocation):
+                raise ValueError(f"--prune_method {self.prune_method} means --allocation {allocation}; "
+                                 f"drop --allocation {self.allocation} or use --prune_method {selector}")
+            self.prune_method, self.allocation = selector, allocation
+        if self.pattern.structured and (self.use_trim or self.allocation != "uniform" or self.load_layer_ratio):
+            what = "--use_trim" if self.use_trim else (
+                f"--allocation {self.allocation}" if self.allocation != "uniform" else "--load_layer_ratio")
+            raise ValueError(f"{what} gives layers or rows different sparsities, but --sparsity_type "
+                             f"{self.sparsity_type} fixes every row at {self.pattern.ratio:g}; use unstructured")
+        if not 0.0 <= self.Lamda < 0.5:
+            raise ValueError(f"--Lamda must be in [0, 0.5), got {self.Lamda}")
+        if self.Hyper_m <= 0:
+            raise ValueError(f"--Hyper_m must be > 0, got {self.Hyper_m}")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ValueError(f"--epsilon must be in [0, 1), got {self.epsilon}")
+        if self.mapping_type not in MAPPING_TYPES:
+            raise ValueError(f"--mapping_type must be one of {', '.join(MAPPING_TYPES)}, got {self.mapping_type!r}")
+        if self.qmetric not in QMETRICS:
+            raise ValueError(f"--qmetric must be one of {', '.join(QMETRICS)}, got {self.qmetric!r}")
+        if self.qmetric_dimwise not in DIMWISE_QMETRICS:
+            raise ValueError(f"--qmetric_dimwise must be one of {', '.join(DIMWISE_QMETRICS)}, "
+                             f"got {self.qmetric_dimwise!r}")
+        if self.iterations < 1:
+            raise ValueError(f"--iterations must be a positive integer, got {self.iterations}")
+        for flag in ("save_layer_ratio", "load_layer_ratio"):
+            if getattr(self, flag):
+                check_suffix(getattr(self, flag), f"--{flag}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

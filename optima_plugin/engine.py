@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .allocators import AllocationContext
+from .allocators import AllocationContext, resolve_layer_ratios, row_summary
 from .capture import capture_block_inputs, run_block
 from .config import PruneConfig
 from .data import get_calibration
@@ -53,6 +53,7 @@ class LayerResult:
     accepted: bool
     seconds: float
     update: dict = field(default_factory=dict)
+    rows: Optional[dict] = None  # per-row ratio summary (min/max/mean/std) and row allocator stats
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +116,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     selector = lookup("selectors", config.prune_method, "--prune_method")
     updater = lookup("updaters", config.weight_update, "--weight_update")
     allocator = lookup("allocators", config.allocation, "--allocation")
+    row_allocator = lookup("row_allocators", config.row_allocation, "--use_trim") if config.row_allocation else None
     if config.weight_update == "optima":
         get_solver(config.solver)
     if config.nsamples % config.batch_size:
@@ -126,9 +128,6 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     linears = prunable_linears(adapter, config.skip_attention)
     for name, lin in linears.items():
         pattern.check_columns(lin.in_features, name)
-    ratios = allocator.layer_ratios(AllocationContext(model, adapter, config.sparsity_ratio, linears))
-    if pattern.structured:
-        ratios = {name: pattern.ratio for name in linears}
 
     pm = get_plugin_manager()
     observers = [ProgressObserver(disable=not progress), ReportObserver()]
@@ -139,11 +138,19 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
         if not offload:
             model.to(device)
+        t_alloc = time.perf_counter()
+        if pattern.structured:
+            ratios = {name: pattern.ratio for name in linears}
+        else:
+            context = AllocationContext(model, adapter, config.sparsity_ratio, linears, config=config, tokens=tokens,
+                                        device=device, offload=offload, progress=progress)
+            ratios = resolve_layer_ratios(allocator, context)
+        t_alloc = time.perf_counter() - t_alloc
         storage = torch.device("cpu") if offload else device
         inputs, block_kwargs = capture_block_inputs(
             adapter, tokens, device=device, batch_size=config.batch_size, storage_device=storage
         )
-        t_capture = time.perf_counter() - t_start
+        t_capture = time.perf_counter() - t_start - t_alloc
         hdtype = torch.float64 if config.double_precision else torch.float32
         options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision)
         num_blocks = len(adapter.blocks)
@@ -155,10 +162,15 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
             block.to(device)
             names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
             todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
-            hessians = _block_hessians(block, todo, input_groups(block), inputs, block_kwargs[i], config, device, hdtype)
+            groups = input_groups(block)
+            hessians = {} if config.input_recalc else _block_hessians(block, todo, groups, inputs, block_kwargs[i],
+                                                                      config, device, hdtype)
             for rel, lin in todo.items():
+                if rel not in hessians:  # --input_recalc: this input group's Hessian, after the linears before it
+                    group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
+                    hessians = _block_hessians(block, group, groups, inputs, block_kwargs[i], config, device, hdtype)
                 result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                       selector, updater, options)
+                                       selector, updater, options, row_allocator, config)
                 pm.hook.optima_layer_done(result=result)
             del hessians
             _propagate(block, inputs, block_kwargs[i], config.batch_size, device)
@@ -171,8 +183,11 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
             "device": str(device),
             "offload": offload,
             "layers": observers[1].layers,
+            "allocation": {"method": config.allocation, "rows": config.row_allocation,
+                           "loaded_from": config.load_layer_ratio},
             "timings": {
                 "capture_seconds": t_capture,
+                "allocation_seconds": t_alloc,
                 "block_seconds": observers[1].block_seconds,
                 "prune_seconds": time.perf_counter() - t_start,
             },
@@ -202,10 +217,16 @@ def _block_hessians(block, todo, groups, inputs, kwargs, config, device, dtype) 
     return {rel: by_owner[owners[rel]].hessian for rel in todo}
 
 
-def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options) -> LayerResult:
+def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options,
+                  row_allocator=None, config=None) -> LayerResult:
     t0 = time.perf_counter()
     dense = lin.weight.detach()
     work = dense.float() if dense.dtype not in (torch.float32, torch.float64) else dense
+    rows = None
+    if row_allocator is not None:  # per-row ratios around the layer's ratio (TRIM)
+        allocation = row_allocator.row_ratios(work, hessian, ratio, selector, config)
+        ratio = allocation.ratios
+        rows = dict(row_summary(ratio), **allocation.stats)
     selection = selector.select(work, hessian, ratio, pattern)
     upd = updater.update(dense, selection, hessian, options)
     new = upd.weight.to(dense.dtype)
@@ -224,10 +245,10 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         lin.weight.copy_(new.masked_fill(selection.pruned, 0))
     return LayerResult(
         name=name, block=block_index, shape=list(dense.shape),
-        ratio=float(ratio) if not torch.is_tensor(ratio) else float(ratio.float().mean()),
+        ratio=float(ratio) if not torch.is_tensor(ratio) else float(ratio.double().mean()),
         sparsity=float((lin.weight == 0).float().mean()), error_ratio=error_ratio,
         objective=objective, mask_objective=mask_objective, accepted=accepted,
-        seconds=time.perf_counter() - t0, update=upd.stats,
+        seconds=time.perf_counter() - t0, update=upd.stats, rows=rows,
     )
 
 

@@ -45,6 +45,11 @@ def optima_allocators() -> list:
 
 
 @hookspec
+def optima_row_allocators() -> list:
+    """Return row allocators (objects with ``name`` and ``row_ratios``; ``--use_trim`` uses ``trim``)."""
+
+
+@hookspec
 def optima_updaters() -> list:
     """Return weight updaters (objects with ``name`` and ``update``)."""
 

@@ -87,7 +87,30 @@ def row_mask(scores: torch.Tensor, ratio: "float | torch.Tensor") -> torch.Tenso
     row ``i`` prunes ``floor(ratio_i · d)`` entries.
     """
     r, d = scores.shape
-    ratios = torch.as_tensor(ratio, dtype=torch.float64, device=scores.device).expand(r)
-    counts = torch.floor(ratios * d + 1e-9).to(torch.long).clamp(0, d)
+    return count_mask(scores, row_counts(ratio, r, d, scores.device))
+
+
+def row_counts(ratio: "float | torch.Tensor", rows: int, columns: int, device=None) -> torch.Tensor:
+    """``(rows,)`` long: how many of ``columns`` entries each row prunes, ``floor(ratio · columns)``."""
+    ratios = torch.as_tensor(ratio, dtype=torch.float64, device=device).expand(rows)
+    return torch.floor(ratios * columns + 1e-9).to(torch.long).clamp(0, columns)
+
+
+def count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool ``r x d`` mask pruning the ``counts[i]`` lowest scores of row ``i`` (``counts`` long ``(r,)``)."""
     rank = torch.argsort(torch.argsort(scores, dim=1), dim=1)  # 0 = lowest score
-    return rank < counts.unsqueeze(1)
+    return rank < counts.to(scores.device).unsqueeze(1)
+
+
+def block_quota(target: torch.Tensor, done: torch.Tensor, start: int, stop: int, columns: int) -> torch.Tensor:
+    """Per-row prune counts for columns ``[start, stop)`` of a left-to-right block sweep.
+
+    Each row prunes its remaining quota ``target - done`` (long ``(r,)``) in
+    proportion to the columns left, and the last block takes the rest, so a row
+    ends with exactly ``target`` pruned entries (SparseGPT / Thanos with per-row ratios).
+    """
+    width = stop - start
+    if stop >= columns:
+        return (target - done).clamp(0, width)
+    want = torch.round((target - done).double() * width / (columns - start)).long()
+    return want.clamp(0, width)

@@ -1,32 +1,23 @@
-"""Sparsity allocators: how much of each linear layer to prune.
+"""Sparsity allocators: how much of each linear layer (and of each of its rows) to prune.
 
-An allocator has a ``name`` and ``layer_ratios(context) -> {linear name: ratio}``;
-linears it leaves out get the target ratio. Uniform is built in; OWL,
-AlphaPruning and TRIM come as further allocators.
+A layer allocator has a ``name`` and ``layer_ratios(context) -> {linear name: ratio}``;
+linears it leaves out get the target ratio. Built in: ``uniform``, ``owl``
+(:mod:`.owl`), ``alphapruning`` (:mod:`.alphapruning`). A row allocator
+(``--use_trim``: ``trim``, :mod:`.trim`) then splits each layer's ratio over the
+layer's rows. See :mod:`.base` for the interfaces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 
-from torch import nn
+from .alphapruning import AlphaPruningAllocator
+from .base import AllocationContext, LayerAllocator, RowAllocation, RowAllocator, linears_by_block, row_summary
+from .owl import OwlAllocator
+from .ratio_file import load_layer_ratios, save_layer_ratios
+from .trim import TrimRowAllocator
 
-
-@dataclass
-class AllocationContext:
-    """What an allocator may look at.
-
-    Attributes:
-        model: the model (dense, on CPU or its device).
-        adapter: its :class:`~optima_plugin.models.ModelAdapter`.
-        target: the requested mean sparsity.
-        linears: ``{full name: nn.Linear}`` that will be pruned, in block order.
-    """
-
-    model: nn.Module
-    adapter: object
-    target: float
-    linears: dict
+log = logging.getLogger(__name__)
 
 
 class UniformAllocator:
@@ -36,4 +27,33 @@ class UniformAllocator:
         return {name: context.target for name in context.linears}
 
 
-BUILTIN_ALLOCATORS = [UniformAllocator()]
+def resolve_layer_ratios(allocator, context: AllocationContext) -> dict:
+    """``{linear full name: ratio}`` for every linear of ``context``.
+
+    Loads them from ``config.load_layer_ratio`` when set (the allocator is not
+    run), else asks ``allocator``; fills linears it leaves out with the target;
+    checks every ratio is in [0, 1); saves to ``config.save_layer_ratio`` when set.
+    """
+    load = context.option("load_layer_ratio", None)
+    if load:
+        ratios = load_layer_ratios(load, context)
+        log.info("layer ratios loaded from %s (the %s allocator is not run)", load, allocator.name)
+    else:
+        ratios = allocator.layer_ratios(context)
+    ratios = {name: float(ratios.get(name, context.target)) for name in context.linears}
+    bad = [(n, r) for n, r in ratios.items() if not 0.0 <= r < 1.0]
+    if bad:
+        raise ValueError(f"layer ratio {bad[0][1]:.4f} of {bad[0][0]} is outside [0, 1) "
+                         f"({len(bad)} such layers); check the allocator's options or --load_layer_ratio")
+    save = context.option("save_layer_ratio", None)
+    if save:
+        save_layer_ratios(save, ratios, allocation=allocator.name, target=context.target)
+    return ratios
+
+
+BUILTIN_ALLOCATORS = [UniformAllocator(), OwlAllocator(), AlphaPruningAllocator()]
+BUILTIN_ROW_ALLOCATORS = [TrimRowAllocator()]
+
+__all__ = ["AllocationContext", "AlphaPruningAllocator", "BUILTIN_ALLOCATORS", "BUILTIN_ROW_ALLOCATORS",
+           "LayerAllocator", "OwlAllocator", "RowAllocation", "RowAllocator", "TrimRowAllocator",
+           "UniformAllocator", "linears_by_block", "resolve_layer_ratios", "row_summary"]

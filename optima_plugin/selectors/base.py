@@ -51,10 +51,31 @@ class MaskSelector(Protocol):
             hessian: ``d x d`` float32/float64 mean of ``x xᵀ`` over calibration
                 tokens (its diagonal is the mean squared input norm per column);
                 None when ``needs_hessian`` is False and no statistics were taken.
-            ratio: the fraction to prune (ignored for N:M patterns, which fix it).
+            ratio: the fraction to prune (ignored for N:M patterns, which fix it),
+                or an ``(r,)`` float tensor: row ``i`` prunes ``floor(ratio_i · d)`` weights.
             pattern: unstructured or N:M.
         """
         ...
+
+    # Optional: ``score(weight, hessian) -> Tensor`` (``r x d`` float32, lower is
+    # pruned first), the static ranking that row allocators (TRIM) try per-row
+    # ratios with; see :func:`selector_scores`.
+
+
+def selector_scores(selector, weight: Tensor, hessian: Optional[Tensor]) -> Tensor:
+    """The selector's static ``r x d`` float32 importance scores (lower is pruned first).
+
+    Selectors may define ``score(weight, hessian)``; row allocators (TRIM) rank
+    each row's weights with it to try per-row ratios without re-running
+    :meth:`MaskSelector.select`. ``ValueError`` when the selector has none.
+    """
+    score = getattr(selector, "score", None)
+    if score is None:
+        raise ValueError(
+            f"--use_trim needs the selector's scores, but --prune_method {selector.name} has no "
+            "score(weight, hessian) method; add one or use wanda, magnitude, sparsegpt or thanos"
+        )
+    return score(weight, hessian)
 
 
 def check_ratio(ratio: Ratio) -> None:

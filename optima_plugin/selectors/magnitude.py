@@ -12,6 +12,10 @@ class MagnitudeSelector:
     name = "magnitude"
     needs_hessian = False
 
+    def score(self, weight, hessian):
+        """``r x d`` float32 ``|W|`` (lower is pruned first; ``hessian`` unused)."""
+        return weight.detach().abs().float()
+
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:
         score = weight.detach().abs().float()
         if pattern.structured:

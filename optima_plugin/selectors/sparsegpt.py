@@ -2,9 +2,10 @@
 
 Columns are visited in blocks of 128. Unstructured: at the start of each block
 the weights with the smallest ``w² / diag(Hinv)²`` in the block are pruned
-(one threshold over the block, as the original; per-row thresholds when
-per-row ratios are given). N:M: every ``M`` columns the ``N`` smallest of each
-group. Each pruned weight's error is spread over the later columns with the
+(one threshold over the block, as the original; with per-row ratios each row
+prunes its remaining quota in proportion to the columns left, so that row ``i``
+ends with exactly ``floor(ratio_i · d)`` pruned weights). N:M: every ``M``
+columns the ``N`` smallest of each group. Each pruned weight's error is spread over the later columns with the
 upper Cholesky factor of ``Hd⁻¹``; the loop over columns is sequential, every
 step vectorised over rows.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..solvers.problem import damp_hessian, inverse_spd
-from ..sparsity import Pattern, row_mask
+from ..sparsity import Pattern, block_quota, count_mask, row_counts
 from .base import Ratio, Selection, check_ratio
 
 BLOCKSIZE = 128
@@ -31,6 +32,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
     hinv = torch.linalg.cholesky(inverse_spd(damp_hessian(h, damp)), upper=True)
     r, d = w.shape
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
+    per_row = row_counts(ratio, r, d, w.device) if torch.is_tensor(ratio) and not pattern.structured else None
+    done = torch.zeros(r, dtype=torch.long, device=w.device)
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
         w1 = w[:, i1:i2].clone()
@@ -38,8 +41,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
         err1 = torch.zeros_like(w1)
         if not pattern.structured:
             score = w1**2 / h1.diagonal().unsqueeze(0) ** 2
-            if torch.is_tensor(ratio):
-                m1 = row_mask(score, ratio)
+            if per_row is not None:  # each row meets its own ratio over the whole layer
+                m1 = count_mask(score, block_quota(per_row, done, i1, i2, d))
+                done += m1.sum(1)
             else:
                 k = int(score.numel() * ratio)
                 m1 = torch.zeros_like(score, dtype=torch.bool)
@@ -66,6 +70,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
 class SparseGPTSelector:
     name = "sparsegpt"
     needs_hessian = True
+
+    def score(self, weight, hessian):
+        """``r x d`` float32 OBS saliency ``w² / diag(U)²`` (``U`` = upper Cholesky factor of
+        ``(H + λI)⁻¹``) of the dense weights, as SparseGPT ranks its first block; dead inputs score 0."""
+        w = weight.detach().float().clone()
+        h = hessian.to(device=w.device, dtype=torch.float32)
+        w[:, h.diagonal() == 0] = 0
+        u = torch.linalg.cholesky(inverse_spd(damp_hessian(h, DAMP)), upper=True)
+        return w**2 / u.diagonal().unsqueeze(0) ** 2
 
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:
         if not pattern.structured:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..solvers.problem import damp_hessian, inverse_spd
-from ..sparsity import Pattern, nm_mask, row_mask
+from ..sparsity import Pattern, block_quota, count_mask, nm_mask, row_counts
 from .base import Ratio, Selection, check_ratio
 
 BLOCKSIZE = 128
@@ -58,8 +58,7 @@ def thanos_prune(weight, hessian, ratio: Ratio, pattern: Pattern, blocksize: int
     r, d = w.shape
     norms = hd.diagonal().sqrt()
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
-    ratios = torch.as_tensor(ratio, dtype=torch.float64, device=w.device).expand(r) if not pattern.structured else None
-    target = torch.floor(ratios * d + 1e-9).long() if ratios is not None else None
+    target = None if pattern.structured else row_counts(ratio, r, d, w.device)
     done = torch.zeros(r, dtype=torch.long, device=w.device)
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
@@ -68,11 +67,7 @@ def thanos_prune(weight, hessian, ratio: Ratio, pattern: Pattern, blocksize: int
             m1 = nm_mask(score, pattern)
         else:
             # each row prunes its remaining quota in proportion to the columns left
-            want = torch.round((target - done).double() * (i2 - i1) / (d - i1)).long()
-            want = torch.minimum(want.clamp_min(0), torch.tensor(i2 - i1, device=w.device))
-            if i2 == d:
-                want = (target - done).clamp(0, i2 - i1)
-            m1 = row_mask(score, want.double() / (i2 - i1))
+            m1 = count_mask(score, block_quota(target, done, i1, i2, d))
             done += m1.sum(1)
         hinv = inverse_spd(hd[i1:, i1:])
         w[:, i1:] = _obs_remove(w[:, i1:], hinv, m1)
@@ -84,6 +79,11 @@ def thanos_prune(weight, hessian, ratio: Ratio, pattern: Pattern, blocksize: int
 class ThanosSelector:
     name = "thanos"
     needs_hessian = True
+
+    def score(self, weight, hessian):
+        """``r x d`` float32 ``|w| · sqrt(diag(H + λI))``, the in-block selection score (lower goes first)."""
+        hd = damp_hessian(hessian.to(device=weight.device, dtype=torch.float32), DAMP)
+        return weight.detach().abs().float() * hd.diagonal().sqrt()
 
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:
         if not pattern.structured:

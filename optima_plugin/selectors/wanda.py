@@ -15,6 +15,10 @@ class WandaSelector:
     name = "wanda"
     needs_hessian = True
 
+    def score(self, weight, hessian):
+        """``r x d`` float32 Wanda scores (lower is pruned first)."""
+        return wanda_scores(weight, hessian)
+
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:
         score = wanda_scores(weight, hessian)
         if pattern.structured:

@@ -1,0 +1,103 @@
+"""What a sparsity allocator is and what it may look at.
+
+Two kinds of allocators:
+
+* layer allocators (``--allocation``: uniform, OWL, AlphaPruning) answer
+  ``layer_ratios(context) -> {linear full name: ratio}`` once, before pruning;
+* row allocators (``--use_trim``) answer ``row_ratios(weight, hessian, ratio,
+  selector, config)`` per linear during pruning, turning the layer's ratio into
+  ``(r,)`` per-row ratios that the selector then honours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..models import block_linears
+
+
+@dataclass
+class AllocationContext:
+    """What a layer allocator may look at.
+
+    Attributes:
+        model: the model (dense, on CPU or its device).
+        adapter: its :class:`~optima_plugin.models.ModelAdapter`.
+        target: the requested mean sparsity.
+        linears: ``{full name: nn.Linear}`` that will be pruned, in block order.
+        config: the run's :class:`~optima_plugin.config.PruneConfig` (allocator
+            options such as ``Lamda``, ``epsilon``); None outside a run.
+        tokens: ``(n, seqlen)`` calibration token ids, for allocators that need
+            activations (OWL); None when not loaded.
+        device: where block computations run.
+        offload: whether blocks live on CPU and are onloaded one at a time.
+        progress: whether to show progress bars.
+    """
+
+    model: nn.Module
+    adapter: Any
+    target: float
+    linears: dict
+    config: Any = None
+    tokens: Optional[Tensor] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    offload: bool = False
+    progress: bool = False
+
+    def option(self, name: str, default: Any) -> Any:
+        """``config.<name>`` when a config is given, else ``default``."""
+        return getattr(self.config, name, default) if self.config is not None else default
+
+
+class LayerAllocator(Protocol):
+    """A layer allocator plugin (``--allocation``); linears it leaves out get the target."""
+
+    name: str
+
+    def layer_ratios(self, context: AllocationContext) -> dict:
+        ...
+
+
+@dataclass
+class RowAllocation:
+    """A row allocator's answer for one linear.
+
+    Attributes:
+        ratios: ``(r,)`` float64 per-row ratios in [0, 1), on the weight's device.
+        stats: JSON-ready figures for the report (metric before/after, ...).
+    """
+
+    ratios: Tensor
+    stats: dict = field(default_factory=dict)
+
+
+class RowAllocator(Protocol):
+    """A row allocator plugin (``--use_trim``)."""
+
+    name: str
+
+    def row_ratios(self, weight: Tensor, hessian: Tensor, ratio: float, selector: Any,
+                   config: Any) -> RowAllocation:
+        """Per-row ratios of one ``r x d`` layer whose mean is (about) ``ratio``."""
+        ...
+
+
+def linears_by_block(context: AllocationContext) -> list[dict[str, nn.Linear]]:
+    """The context's linears grouped by decoder block: ``[{full name: linear}]``, one dict per block
+    (empty for blocks with nothing to prune), in block order."""
+    owner = {id(lin): name for name, lin in context.linears.items()}
+    out = []
+    for block in context.adapter.blocks:
+        out.append({owner[id(lin)]: lin for lin in block_linears(block).values() if id(lin) in owner})
+    return out
+
+
+def row_summary(ratios: Tensor) -> dict:
+    """``{min, max, mean, std}`` of ``(r,)`` per-row ratios, as floats (for the report)."""
+    r = ratios.detach().double()
+    return {"min": float(r.min()), "max": float(r.max()), "mean": float(r.mean()),
+            "std": float(r.std(unbiased=False))}

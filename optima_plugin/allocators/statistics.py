@@ -1,0 +1,84 @@
+"""The dense statistics pass of activation-aware layer allocators (OWL).
+
+Calibration inputs go through the *dense* blocks once, before pruning: block-0
+inputs are captured (:func:`~optima_plugin.capture.capture_block_inputs`), then
+each block is onloaded, run once over all windows with forward hooks that sum
+``x_j²`` per input column of each of its linears, and its outputs become the next
+block's inputs in the same pass. Cost: one dense forward of the calibration set
+through the decoder blocks (no Hessians, ``O(tokens · d)`` per hook), about a
+third of the pruning passes' forward work; memory: the ``(n, seqlen, hidden)``
+block inputs once more, freed before pruning starts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..capture import capture_block_inputs, run_block
+from .base import AllocationContext, linears_by_block
+
+log = logging.getLogger(__name__)
+
+
+class ColumnNorms:
+    """Running mean of ``x_j²`` per input column (the Hessian's diagonal, without the Hessian)."""
+
+    def __init__(self) -> None:
+        self.sum: Tensor | None = None
+        self.tokens = 0
+
+    def hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        x = inputs[0].detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        s = x.pow(2).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.tokens += x.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        """``(d,)`` float32 mean squared input per column."""
+        if self.sum is None:
+            raise RuntimeError("no inputs were seen by this linear")
+        return self.sum / max(self.tokens, 1)
+
+
+def dense_input_norms(context: AllocationContext) -> dict[str, Tensor]:
+    """``{full name: (d,) float32 mean x_j² on CPU}`` for every linear of the context.
+
+    Runs the calibration tokens through the dense model (see the module docstring
+    for the cost). ``ValueError`` when the context has no tokens.
+    """
+    if context.tokens is None:
+        raise ValueError("this allocator needs calibration tokens (AllocationContext.tokens); "
+                         "run it through prune() or pass tokens")
+    device = torch.device(context.device)
+    batch_size = context.option("batch_size", 1)
+    storage = torch.device("cpu") if context.offload else device
+    adapter = context.adapter
+    inputs, kwargs = capture_block_inputs(adapter, context.tokens, device=device, batch_size=batch_size,
+                                          storage_device=storage)
+    norms: dict[str, Tensor] = {}
+    groups = linears_by_block(context)
+    last = max((i for i, g in enumerate(groups) if g), default=-1)
+    with torch.no_grad():
+        for i in tqdm(range(last + 1), desc="dense statistics", unit="block", disable=not context.progress):
+            block = adapter.blocks[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            accs = {name: ColumnNorms() for name in groups[i]}
+            handles = [lin.register_forward_hook(accs[name].hook) for name, lin in groups[i].items()]
+            try:
+                for start in range(0, inputs.shape[0], batch_size):
+                    out = run_block(block, inputs[start : start + batch_size].to(device), kwargs[i])
+                    inputs[start : start + batch_size] = out.to(inputs.device, inputs.dtype)
+            finally:
+                for h in handles:
+                    h.remove()
+            block.to(home)
+            norms.update({name: acc.mean.cpu() for name, acc in accs.items()})
+    del inputs
+    return norms
