@@ -26,11 +26,29 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
         for plugin in BUILTIN_PLUGINS:
             pm.register(plugin, name=f"builtin:{type(plugin).__name__}")
-        n = pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        n = _load_entry_points(pm)
         if n:
             log.info("loaded %d plugin(s) from entry-point group %r", n, ENTRY_POINT_GROUP)
         _manager = pm
     return _manager
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> int:
+    """Register every plugin of the entry-point group; a class is instantiated (its hooks take ``self``)."""
+    from importlib.metadata import entry_points
+
+    try:
+        found = entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # Python 3.9: a dict of groups
+        found = entry_points().get(ENTRY_POINT_GROUP, [])
+    n = 0
+    for ep in found:
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        plugin = ep.load()
+        pm.register(plugin() if isinstance(plugin, type) else plugin, name=ep.name)
+        n += 1
+    return n
 
 
 def _collect(results: Iterable[list]) -> dict[str, Any]:
@@ -42,7 +60,7 @@ def _collect(results: Iterable[list]) -> dict[str, Any]:
 
 
 def registry(kind: str) -> dict[str, Any]:
-    """``{name: object}`` for ``kind`` in ``selectors``, ``allocators``, ``updaters``."""
+    """``{name: object}`` for ``kind`` in ``selectors``, ``allocators``, ``row_allocators``, ``updaters``."""
     hook = getattr(get_plugin_manager().hook, f"optima_{kind}")
     # pluggy calls the most recently registered plugin first: reverse so that
     # built-ins win a name clash and third parties cannot silently shadow them.

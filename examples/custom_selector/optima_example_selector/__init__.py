@@ -1,0 +1,5 @@
+"""An example third-party mask selector for optima_plugin (registered by entry point)."""
+
+from .plugin import Plugin, RowMagnitudeSelector
+
+__all__ = ["Plugin", "RowMagnitudeSelector"]

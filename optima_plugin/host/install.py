@@ -1,0 +1,232 @@
+"""Install the plugin into a host's process: options, shims, the seam, the answering plugin.
+
+``optima-host`` calls :func:`install` before running the host's ``main.py``; a host
+author may call it at the top of their own script instead::
+
+    from optima_plugin.host import install
+    install(weight_update="optima", solver="pcg")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..models import get_adapter
+from ..plugins import get_plugin_manager, registry
+from ..updaters import UpdateOptions
+from .plugin import OptimaMaskPlugin
+from .seam import HostSeam, SeamSettings
+from .shims import (SHIMS, CallDepth, CudaOnCpu, LoadOptions, add_position_embeddings, patch_from_pretrained,
+                    quiet_cuda_calls, removed_imports, tuple_outputs)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: ``--weight_update`` values that leave the host's own weights (its mask only, or SparseGPT's update).
+HOST_WEIGHTS = ("none", "native")
+
+_active: Optional["Installation"] = None
+
+
+@dataclass
+class HostOptions:
+    """Every option of the plugin inside a host process (``optima-host``'s flags).
+
+    Attributes:
+        weight_update: the updater answering the host's masks (``optima``; ``none`` and ``native``
+            keep the host's own weights).
+        solver, damp, tol, max_iter, double_precision: OPTIMA solver settings.
+        mask_selector: a registered selector replacing the host's masks, at the host's per-row counts.
+        host_data: ``pydoc`` or a local text path for the host's C4 / WikiText-2 loaders.
+        host_seqlen: pin ``model.seqlen`` (the host's window length) to this.
+        host_dtype: load the model in this dtype instead of the host's.
+        no_shim: names of compatibility shims to leave off (see :mod:`optima_plugin.host.shims`).
+        calibration, nsamples, seqlen, seed, device: the seam's own statistics pass (magnitude paths);
+            calibration defaults to ``host_data`` if given, else ``c4``.
+        report: JSON file for the per-layer results.
+    """
+
+    weight_update: str = "optima"
+    solver: str = "pcg"
+    damp: float = 0.01
+    tol: Optional[float] = None
+    max_iter: Optional[int] = None
+    double_precision: bool = False
+    mask_selector: Optional[str] = None
+    host_data: Optional[str] = None
+    host_seqlen: Optional[int] = None
+    host_dtype: Optional[str] = None
+    no_shim: tuple = ()
+    calibration: Optional[str] = None
+    nsamples: int = 128
+    seqlen: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    report: Optional[str] = None
+
+    def validate(self) -> "HostOptions":
+        """``ValueError`` naming the flag for bad values; return self."""
+        from ..solvers import get_solver
+
+        for kind, name, flag in (("updaters", self.weight_update, "--weight_update"),
+                                 ("selectors", self.mask_selector, "--mask_selector")):
+            known = registry(kind)
+            if name is not None and name not in known:
+                raise ValueError(f"unknown {flag} {name!r}; known: {', '.join(sorted(known))}")
+        get_solver(self.solver)
+        unknown = sorted(set(self.no_shim) - set(SHIMS))
+        if unknown:
+            raise ValueError(f"unknown --no_shim {', '.join(unknown)}; known: {', '.join(SHIMS)}")
+        if self.host_data not in (None, "pydoc") and not Path(self.host_data).exists():
+            raise ValueError(f"--host_data {self.host_data}: neither 'pydoc' nor an existing file or folder")
+        if self.host_dtype is not None and self.host_dtype not in DTYPES:
+            raise ValueError(f"--host_dtype must be one of {', '.join(DTYPES)}, got {self.host_dtype!r}")
+        for name in ("host_seqlen", "seqlen"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1, got {value}")
+        if self.nsamples < 1:
+            raise ValueError(f"--optima_nsamples must be at least 1, got {self.nsamples}")
+        if self.damp < 0:
+            raise ValueError(f"--damp must be ≥ 0, got {self.damp}")
+        return self
+
+    @property
+    def updates(self) -> bool:
+        """Whether an updater answers the host's masks (``none`` and ``native`` keep the host's own weights)."""
+        return self.weight_update not in HOST_WEIGHTS
+
+    @property
+    def active(self) -> bool:
+        """Whether the seam has anything to do (an update or a replacement selector)."""
+        return self.updates or self.mask_selector is not None
+
+
+class Installation:
+    """What :func:`install` changed in the process; :meth:`uninstall` undoes it."""
+
+    def __init__(self, options: HostOptions) -> None:
+        self.options = options
+        self.calls = CallDepth()
+        self.plugin: Optional[OptimaMaskPlugin] = None
+        self.seam: Optional[HostSeam] = None
+        self._undo: list[Callable[[], None]] = []
+        self._handles: list = []
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook a model the host built itself (models from ``from_pretrained`` are attached on load)."""
+        try:
+            adapter = get_adapter(model)
+        except ValueError as err:
+            log.warning("optima-host leaves %s alone: %s", type(model).__name__, err)
+            return
+        tops = [model] if adapter.base is model else [model, adapter.base]
+        self._handles += self.calls.attach(tops)
+        if "position_embeddings" not in self.options.no_shim:
+            self._handles += add_position_embeddings(adapter)
+        if "tuple_outputs" not in self.options.no_shim:
+            self._handles += tuple_outputs(adapter, self.calls)
+        if self.seam is not None:
+            self.seam.attach(model)
+
+    def finish(self) -> dict:
+        """The seam's report (also written to ``--optima_report``); empty without a seam."""
+        return self.seam.finish() if self.seam is not None else {}
+
+    def uninstall(self) -> None:
+        """Undo every patch and remove every hook (reverse order)."""
+        global _active
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.seam is not None:
+            self.seam.detach()
+        while self._undo:
+            self._undo.pop()()
+        if _active is self:
+            _active = None
+
+    def __enter__(self) -> "Installation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+def active_seam() -> Optional[HostSeam]:
+    """The seam of the current installation, or None."""
+    return _active.seam if _active is not None else None
+
+
+def install(options: Optional[HostOptions] = None, **overrides) -> Installation:
+    """Install the plugin into this process; return the :class:`Installation`.
+
+    ``options`` (or :class:`HostOptions` fields as keywords) say what to do:
+    register the plugin answering ``optima_mask_emitted``, put in the shims, route
+    the hub datasets, and watch every model loaded with ``from_pretrained`` through
+    the seam. Only one installation is active at a time.
+    """
+    global _active
+    if _active is not None:
+        raise RuntimeError("optima_plugin.host is already installed in this process; uninstall() it first")
+    options = dataclasses.replace(options or HostOptions(), **overrides).validate()
+    inst = Installation(options)
+    pm = get_plugin_manager()
+    if options.updates:
+        inst.plugin = OptimaMaskPlugin(options.weight_update, UpdateOptions(
+            options.solver, options.damp, options.tol, options.max_iter, options.double_precision))
+        pm.register(inst.plugin, name="optima-host")
+        inst._undo.append(lambda: pm.unregister(inst.plugin))
+    if options.active:
+        inst.seam = HostSeam(SeamSettings(
+            hessian_dtype=torch.float64 if options.double_precision else torch.float32,
+            mask_selector=options.mask_selector, calibration=options.calibration or options.host_data or "c4",
+            nsamples=options.nsamples, seqlen=options.seqlen, seed=options.seed, device=options.device,
+            report=options.report), inst.calls, stats_source=inst.plugin)
+        inst._undo.append(_flush_before_save(inst.seam))
+    cpu_only = "cuda_on_cpu" not in options.no_shim and not torch.cuda.is_available()
+    load = LoadOptions(cpu_only=cpu_only, dtype=DTYPES.get(options.host_dtype),
+                       seqlen=options.host_seqlen, device_map="hf_device_map" not in options.no_shim,
+                       loaded=[inst.attach])
+    inst._undo.append(patch_from_pretrained(load))
+    if cpu_only:
+        mode = CudaOnCpu()
+        mode.__enter__()
+        inst._undo.append(lambda: mode.__exit__(None, None, None))
+        inst._undo.append(quiet_cuda_calls())
+        log.info("optima-host: no CUDA GPU; the host's CUDA device runs on the CPU")
+    if "removed_imports" not in options.no_shim:
+        inst._undo.append(removed_imports())
+    if options.host_data:
+        from .data import route_hub_datasets
+
+        inst._undo.append(route_hub_datasets(options.host_data))
+    _active = inst
+    return inst
+
+
+def _flush_before_save(seam: HostSeam) -> Callable[[], None]:
+    """Make ``PreTrainedModel.save_pretrained`` handle pending masks first; return the undo function."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(self, *args, **kwargs):
+        seam.flush()
+        return original(self, *args, **kwargs)
+
+    PreTrainedModel.save_pretrained = save_pretrained
+
+    def undo() -> None:
+        PreTrainedModel.save_pretrained = original
+
+    return undo

@@ -1,0 +1,547 @@
+"""optima-host: unmodified host loops (tests/hosts) get OPTIMA weights for their own masks.
+
+The host fixtures mirror Wanda (LLaMA and OPT paths; wanda, magnitude, sparsegpt) and
+TRIM (``--device cpu --use_trim --input_recalc``). Each runs through ``optima-host`` (the
+launcher's ``main`` in this process; the console script in a subprocess for the custom
+selector) on a tiny random model, offline (``--host_data pydoc``) and on the CPU
+(the CUDA shim), once with ``--weight_update none`` (the host's own run: shims and data
+routing only) and once with ``--weight_update optima``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from optima_plugin import hookimpl, reconstruct
+from optima_plugin.hessian import HessianAccumulator
+from optima_plugin.host import HostOptions, emit_mask, install
+from optima_plugin.host.data import route_hub_datasets, split_text
+from optima_plugin.host.launcher import main as host_main, split_argv
+from optima_plugin.host.selection import host_ratio, infer_pattern, reselect
+from optima_plugin.host.shims import CudaOnCpu, cpu_device_map, pin_seqlen
+from optima_plugin.plugins import get_plugin_manager, lookup
+from optima_plugin.solvers.problem import reconstruction_error
+from optima_plugin.sparsity import Pattern, row_mask
+from optima_plugin.testing import tiny_model, tiny_tokenizer
+
+from conftest import activation_hessian, random_weight
+
+HOSTS = Path(__file__).parent / "hosts"
+SEQLEN = 64
+COMMON = ["--host_data", "pydoc", "--host_seqlen", str(SEQLEN)]
+BLOCK0 = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # fed by the block input
+
+
+# -- running the host fixtures ------------------------------------------------
+
+
+def _console_script() -> list[str]:
+    script = Path(sys.executable).with_name("optima-host")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "optima_plugin.host.launcher"]
+
+
+def _forget_host_modules() -> None:
+    """Drop the host's own modules (Wanda's ``lib``) so that the next in-process run imports them afresh."""
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(HOSTS)):
+            del sys.modules[name]
+
+
+def run_host(host: str, args: list[str], out: Path, save: bool = True, console: bool = False) -> dict:
+    """Run ``tests/hosts/<host>/main.py`` through optima-host: in this process (the launcher's ``main``),
+    or with ``console`` through the console script in a subprocess. Returns its stdout and, with
+    ``save``, its masks, final weights and the plugin's report."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"masks": out / "masks.pt", "weights": out / "weights.pt", "report": out / "report.json"}
+    saving = ["--save_masks", str(files["masks"]), "--save_weights", str(files["weights"]),
+              "--optima_report", str(files["report"])] if save else []
+    argv = [str(HOSTS / host / "main.py"), *args, *saving]
+    if console:
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        proc = subprocess.run(_console_script() + argv, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        stdout = proc.stdout
+    else:
+        buffer = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buffer):
+                assert host_main(argv) == 0
+        finally:
+            _forget_host_modules()
+        stdout = buffer.getvalue()
+    run = {"stdout": stdout}
+    if save:
+        run.update(masks=torch.load(files["masks"]), weights=torch.load(files["weights"]))
+        run["report"] = json.loads(files["report"].read_text()) if files["report"].exists() else None
+    return run
+
+
+def run_pair(host: str, args: list[str], out: Path) -> dict:
+    """The host's own run (``--weight_update none``) and the OPTIMA run, same arguments."""
+    return {wu: run_host(host, args + COMMON + ["--weight_update", wu], out / wu) for wu in ("none", "optima")}
+
+
+def perplexity(stdout: str, label: str) -> float:
+    """The number the host printed after ``label`` (its own perplexity line)."""
+    found = re.findall(re.escape(label) + r"\s*([0-9.]+)", stdout)
+    assert found, f"no {label!r} line in the host's output:\n{stdout[-2000:]}"
+    return float(found[-1])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny Llama and OPT saved as local model directories."""
+    root = tmp_path_factory.mktemp("models")
+    for arch in ("llama", "opt"):
+        tiny_model(arch).save_pretrained(root / arch)
+        tiny_tokenizer().save_pretrained(root / arch)
+    return root
+
+
+def dense_linears(model_dir: Path, dtype: torch.dtype = torch.float16) -> dict:
+    """``{full name: dense weight}`` of the decoder linears, in the hosts' float16 unless told."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return {name: m.weight.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".layers." in name}
+
+
+def host_calibration(model_dir: Path, nsamples: int) -> torch.Tensor:
+    """The fixtures' calibration windows (their ``get_c4`` on ``--host_data pydoc``), ``(nsamples, SEQLEN)``."""
+    from transformers import AutoTokenizer
+
+    undo = route_hub_datasets("pydoc")
+    try:  # loaded after routing: the fixture binds datasets.load_dataset at import, as the hosts do
+        spec = importlib.util.spec_from_file_location("wanda_host_data", HOSTS / "wanda" / "lib" / "data.py")
+        data = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(data)
+        loader, _ = data.get_c4(nsamples, 0, SEQLEN, AutoTokenizer.from_pretrained(model_dir))
+    finally:
+        undo()
+    return torch.cat([inp for inp, _ in loader])
+
+
+def layer_errors(model_dir: Path, weights: dict, tokens: torch.Tensor, names: list[str]) -> dict:
+    """``Σ_rows (ŵ - w)ᵀ H (ŵ - w)`` of ``weights[name]`` against the dense weights, ``H`` from the
+    dense float32 model's inputs to that linear on ``tokens`` (independent of the plugin)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    modules = dict(model.named_modules())
+    accs = {name: HessianAccumulator() for name in names}
+    handles = [modules[name].register_forward_hook(accs[name].hook) for name in names]
+    with torch.no_grad():
+        model(tokens)
+    for h in handles:
+        h.remove()
+    return {name: reconstruction_error(modules[name].weight.detach(), weights[name].float(), accs[name].hessian)
+            for name in names}
+
+
+def assert_masks_kept(run: dict) -> None:
+    """The final zeros are exactly the host's own masks: pruned entries zero, no kept entry zeroed."""
+    assert set(run["masks"]) == set(run["weights"])
+    for name, mask in run["masks"].items():
+        assert torch.equal(run["weights"][name] == 0, mask), name
+
+
+def check_against_host(pair: dict, model_dir: Path, *, label: str, same_masks: list[str], in_sample: list[str],
+                       nsamples: int, layers: int, host_updates: bool = False, beat: float = 0.95) -> None:
+    """What ``optima-host --weight_update optima`` must give compared with the host's own run.
+
+    Args:
+        pair: :func:`run_pair`'s runs.
+        label: the host's perplexity printout.
+        same_masks: layers whose mask must equal the host's own run's (their inputs do not depend on
+            the plugin: block 0's first pass, or every layer for magnitude).
+        in_sample: layers whose reconstruction error on the host's calibration windows, ``H`` from the
+            dense model, must be lower than the host's (block 0: the plugin's ``H`` is that one).
+        nsamples: the host's calibration windows.
+        layers: linears the plugin must have updated.
+        host_updates: the host changes the kept weights itself (SparseGPT).
+        beat: each layer's objective (on the plugin's ``H``, and on the dense ``H`` for ``in_sample``)
+            is below ``beat`` times the host's.
+    """
+    host, ours = pair["none"], pair["optima"]
+    for run in (host, ours):
+        assert perplexity(run["stdout"], label) > 1
+        assert_masks_kept(run)  # pruned entries exactly zero, the host's mask and nothing else
+        assert {w.dtype for w in run["weights"].values()} == {torch.float16}  # the host's dtype
+    assert host["report"] is None  # --weight_update none: shims and data only
+    for name in same_masks:
+        assert torch.equal(ours["masks"][name], host["masks"][name]), name
+    dense = dense_linears(model_dir)
+    for name, mask in ours["masks"].items():
+        kept = ~mask
+        if not host_updates:
+            assert torch.equal(host["weights"][name][~host["masks"][name]], dense[name][~host["masks"][name]]), name
+        reference = host["weights"][name] if name in same_masks else dense[name]
+        changed = (ours["weights"][name][kept] != reference[kept]).float().mean()
+        assert changed > 0.9, (name, float(changed))  # kept weights changed
+    report = ours["report"]
+    assert len(report["layers"]) == layers and not report["summary"]["not_updated"]
+    for layer in report["layers"]:
+        assert layer["objective"] < beat * layer["host_objective"], layer
+        assert layer["error_ratio"] < 1.0, layer
+    tokens = host_calibration(model_dir, nsamples)
+    host_err = layer_errors(model_dir, host["weights"], tokens, in_sample)
+    ours_err = layer_errors(model_dir, ours["weights"], tokens, in_sample)
+    for name in in_sample:
+        assert ours_err[name] < beat * host_err[name], (name, ours_err[name], host_err[name])
+
+
+def block(prefix: str, index: int, names) -> list[str]:
+    return [f"{prefix}.{index}.{n}" for n in names]
+
+
+LLAMA = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj")
+OPT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+
+
+# -- the hosts ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wanda_llama(models, tmp_path_factory):
+    args = ["--model", str(models / "llama"), "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+            "--sparsity_type", "unstructured", "--nsamples", "12", "--eval_windows", "2"]
+    return run_pair("wanda", args, tmp_path_factory.mktemp("wanda_llama"))
+
+
+def test_wanda_llama(wanda_llama, models):
+    b0 = block("model.layers", 0, LLAMA)
+    check_against_host(wanda_llama, models / "llama", label="wikitext perplexity", same_masks=b0, in_sample=b0,
+                       nsamples=12, layers=21)
+    for layer in wanda_llama["optima"]["report"]["layers"]:  # Wanda's weights are its mask on the dense weights
+        assert layer["host_objective"] == pytest.approx(layer["mask_objective"], rel=1e-4)
+    assert wanda_llama["optima"]["report"]["own_passes"] == []  # the host's first pass gave every Hessian
+
+
+def test_wanda_llama_block0_error_on_fresh_data(wanda_llama, models):
+    """Held-out text: block 0's error is lower too (768 calibration tokens; with 256, down_proj overfits)."""
+    from optima_plugin.data import get_calibration
+
+    names = block("model.layers", 0, LLAMA)
+    tokens = get_calibration("pydoc", tiny_tokenizer(), 8, SEQLEN, seed=123)
+    host = layer_errors(models / "llama", wanda_llama["none"]["weights"], tokens, names)
+    ours = layer_errors(models / "llama", wanda_llama["optima"]["weights"], tokens, names)
+    for name in names:
+        assert ours[name] < 0.9 * host[name], (name, ours[name], host[name])
+
+
+def test_wanda_opt_2of4(models, tmp_path):
+    args = ["--model", str(models / "opt"), "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+            "--sparsity_type", "2:4", "--nsamples", "8", "--eval_windows", "2", "--solver", "direct"]
+    pair = run_pair("wanda", args, tmp_path)
+    b0 = block("model.decoder.layers", 0, OPT)
+    check_against_host(pair, models / "opt", label="wikitext perplexity", same_masks=b0, in_sample=b0,
+                       nsamples=8, layers=18)
+    for name, w in pair["optima"]["weights"].items():
+        assert bool(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), name
+    assert {layer["update"]["solver"] for layer in pair["optima"]["report"]["layers"]} == {"direct"}
+
+
+def test_wanda_sparsegpt_host_updates_weights(models, tmp_path):
+    """SparseGPT updates the kept weights itself: OPTIMA's exact optimum for its mask is better still."""
+    args = ["--model", str(models / "llama"), "--prune_method", "sparsegpt", "--sparsity_ratio", "0.5",
+            "--sparsity_type", "unstructured", "--nsamples", "8", "--eval_windows", "2"]
+    pair = run_pair("wanda", args, tmp_path)
+    b0 = block("model.layers", 0, LLAMA)
+    check_against_host(pair, models / "llama", label="wikitext perplexity", same_masks=b0, in_sample=b0,
+                       nsamples=8, layers=21, host_updates=True, beat=0.999)
+    dense = dense_linears(models / "llama")
+    for name in b0:  # the host's own update moved its kept weights
+        kept = ~pair["none"]["masks"][name]
+        assert (pair["none"]["weights"][name][kept] != dense[name][kept]).float().mean() > 0.9, name
+    report = pair["optima"]["report"]["layers"]
+    assert all(layer["host_objective"] < layer["mask_objective"] for layer in report)
+
+
+def test_trim_device_cpu_row_ratios(models, tmp_path):
+    args = ["--model", str(models / "llama"), "--use_trim", "--input_recalc", "--sparsity_ratio", "0.6",
+            "--nsamples_calibration", "8", "--device", "cpu"]
+    pair = run_pair("trim", args, tmp_path)
+    # Block 0's q/k/v come from the dense first pass; the later masks follow re-runs with updated weights.
+    b0 = block("model.layers", 0, BLOCK0)
+    check_against_host(pair, models / "llama", label="Perplexity on wikitext", same_masks=b0, in_sample=b0,
+                       nsamples=8, layers=21)
+    row_counts = [mask.sum(1).float() for mask in pair["optima"]["masks"].values()]
+    assert max(float(c.std()) for c in row_counts) > 0.5  # TRIM: rows lose different shares
+    assert pair["optima"]["report"]["own_passes"] == []  # the host's own passes gave every Hessian
+    assert ": device cpu" in pair["optima"]["stdout"]  # the host's hf_device_map printout (the shim's map)
+
+
+def test_magnitude_gets_an_own_statistics_pass(models, tmp_path):
+    args = ["--model", str(models / "llama"), "--prune_method", "magnitude", "--sparsity_ratio", "0.5",
+            "--sparsity_type", "unstructured", "--nsamples", "8", "--eval_windows", "2", "--optima_nsamples", "8"]
+    pair = run_pair("wanda", args, tmp_path)
+    everything = list(pair["none"]["masks"])  # magnitude masks depend on the weights only
+    check_against_host(pair, models / "llama", label="wikitext perplexity", same_masks=everything,
+                       in_sample=block("model.layers", 0, LLAMA), nsamples=8, layers=21)
+    assert [p["blocks"] for p in pair["optima"]["report"]["own_passes"]] == [[0, 1, 2]]
+
+
+# -- custom selectors from another package -------------------------------------
+
+
+def _example_selector():
+    pytest.importorskip("optima_example_selector",
+                        reason="examples/custom_selector is not installed (CI installs it: "
+                        "pip install -e examples/custom_selector)")
+    from optima_plugin.plugins import registry
+
+    assert "row_magnitude" in registry("selectors"), "the example package is installed but not registered"
+
+
+def row_magnitude_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    return row_mask(weight.abs().float(), ratio)
+
+
+def test_custom_selector_through_optima_host(models, tmp_path):
+    _example_selector()
+    run = run_host("wanda", ["--model", str(models / "llama"), "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+                             "--sparsity_type", "unstructured", "--nsamples", "4", "--eval_windows", "2",
+                             "--mask_selector", "row_magnitude", *COMMON], tmp_path, console=True)
+    dense = dense_linears(models / "llama")
+    for name, w in run["weights"].items():
+        ours = w == 0
+        assert torch.equal(ours, row_magnitude_mask(dense[name], 0.5)), name
+        assert not torch.equal(ours, run["masks"][name]), name  # not the host's Wanda mask
+        assert torch.equal(ours.sum(1), run["masks"][name].sum(1)), name  # the host's per-row counts
+        assert (w[~ours] != dense[name][~ours]).float().mean() > 0.9, name  # OPTIMA weights
+    assert len(run["report"]["layers"]) == 21
+    assert all(layer["error_ratio"] < 1 for layer in run["report"]["layers"])
+
+
+def test_custom_selector_through_optima_prune(models, tmp_path):
+    _example_selector()
+    from transformers import AutoModelForCausalLM
+
+    from optima_plugin import cli
+
+    out = tmp_path / "pruned"
+    assert cli.main(["--model", str(models / "llama"), "--prune_method", "row_magnitude", "--sparsity_ratio", "0.5",
+                     "--nsamples", "2", "--seqlen", "32", "--save_model", str(out), "--quiet"]) == 0
+    dense = dense_linears(models / "llama", torch.float32)
+    pruned = dict(AutoModelForCausalLM.from_pretrained(out).named_modules())
+    for name, weight in dense.items():
+        assert torch.equal(pruned[name].weight == 0, row_magnitude_mask(weight, 0.5)), name
+
+
+# -- the pieces, in process ---------------------------------------------------
+
+
+def test_split_argv_removes_plugin_flags_anywhere():
+    ns, script, host = split_argv(["--solver", "direct", "main.py", "--model", "m", "--weight_update=optima",
+                                   "--nsamples", "8", "--host_data", "pydoc", "--save", "out/"])
+    assert script == "main.py"
+    assert host == ["--model", "m", "--nsamples", "8", "--save", "out/"]
+    assert (ns.solver, ns.weight_update, ns.host_data) == ("direct", "optima", "pydoc")
+    with pytest.raises(ValueError, match="no host script"):
+        split_argv(["--solver", "pcg"])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["nope.py"], "host script nope.py not found"),
+    ([__file__, "--weight_update", "nope"], "unknown --weight_update 'nope'; known: native, none, optima"),
+    ([__file__, "--mask_selector", "nope"], "unknown --mask_selector 'nope'"),
+    ([__file__, "--solver", "nope"], "known solvers"),
+    ([__file__, "--host_data", "/does/not/exist"], "--host_data /does/not/exist: neither 'pydoc' nor"),
+])
+def test_launcher_bad_input_one_line(argv, match, capsys):
+    assert host_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("optima-host: error:") and match in err, err
+
+
+def test_host_data_routes_c4_and_wikitext():
+    import datasets
+
+    calibration, evaluation = split_text("pydoc")
+    undo = route_hub_datasets("pydoc")
+    try:
+        train = datasets.load_dataset("allenai/c4", "allenai--c4", data_files={"train": "x.json.gz"}, split="train")
+        test = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        both = datasets.load_dataset("allenai/c4", data_files={"train": "a", "validation": "b"})
+    finally:
+        undo()
+    assert train.column_names == ["text"] and "\n\n".join(train["text"]) == calibration
+    assert len(train) == 3 and min(len(doc) for doc in train["text"]) >= 100_000
+    assert test["text"] == [evaluation] and both["validation"]["text"] == [evaluation]
+    assert 0.79 < len(calibration) / (len(calibration) + len(evaluation)) < 0.81
+    assert datasets.load_dataset.__module__.startswith("datasets")  # undone
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA shim is for machines without a GPU")
+def test_cuda_on_cpu_mode():
+    with CudaOnCpu():
+        a = torch.zeros(3, device="cuda")
+        b = torch.arange(3, device=torch.device("cuda:0"))
+        lin = nn.Linear(2, 2).to("cuda").cuda()
+        c = a.cuda().to("cuda", torch.float16)
+    assert {t.device.type for t in (a, b, c, lin.weight)} == {"cpu"} and c.dtype == torch.float16
+    assert cpu_device_map("cuda") == "cpu" and cpu_device_map(0) == "cpu" and cpu_device_map("auto") == "auto"
+    assert cpu_device_map({"model": "cuda:1", "lm_head": "cpu"}) == {"model": "cpu", "lm_head": "cpu"}
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")  # the mode is gone
+
+
+def test_pin_seqlen_ignores_host_assignment():
+    model = tiny_model("opt")
+    name = type(model).__name__
+    pin_seqlen(model, 64)
+    model.seqlen = model.config.max_position_embeddings
+    assert model.seqlen == 64 and type(model).__name__ == name and isinstance(model, nn.Module)
+
+
+def test_reselect_keeps_host_counts_and_pattern():
+    w = random_weight(16, 32)
+    h = activation_hessian(32).float()
+    rows = torch.zeros(16, 32, dtype=torch.bool)
+    for i in range(16):
+        rows[i, : 4 + i] = True  # per-row counts 4..19
+    assert torch.equal(host_ratio(rows), torch.arange(4, 20, dtype=torch.float64) / 32)
+    magnitude = lookup("selectors", "magnitude", "--prune_method")
+    picked = reselect(magnitude, w, h, rows)
+    assert torch.equal(picked.sum(1), rows.sum(1)) and not torch.equal(picked, rows)
+    nm = torch.zeros(16, 32, dtype=torch.bool).reshape(16, 8, 4)
+    nm[..., :2] = True
+    assert infer_pattern(nm.reshape(16, 32)) == Pattern(2, 4)
+    assert infer_pattern(rows) == Pattern()
+    picked = reselect(lookup("selectors", "wanda", "--prune_method"), w, h, nm.reshape(16, 32))
+    assert bool((picked.reshape(16, 8, 4).sum(-1) == 2).all())
+
+
+def _layer_problem():
+    w = random_weight(24, 32)
+    h = activation_hessian(32).float()
+    pruned = row_mask(w.abs(), 0.5)
+    lin = nn.Linear(32, 24, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w.masked_fill(pruned, 0))
+    return w, h, pruned, lin
+
+
+def test_emit_mask_explicit_call():
+    """The one call a host author adds after ``weight[W_mask] = 0``: the OPTIMA plugin answers it."""
+    w, h, pruned, lin = _layer_problem()
+    assert emit_mask("layer", lin, pruned, hessian=h, dense_weight=w) is None  # no plugin answers: unchanged
+    assert torch.equal(lin.weight, w.masked_fill(pruned, 0))
+    with install(HostOptions(solver="direct")):
+        with pytest.raises(ValueError, match="pass dense_weight="):
+            emit_mask("layer", lin, pruned, hessian=h)
+        assert emit_mask("layer", lin, pruned, hessian=h, dense_weight=w) is lin.weight
+    expected = reconstruct(w, pruned, h, solver="direct").weight
+    assert torch.allclose(lin.weight, expected, atol=1e-6)
+    assert bool((lin.weight[pruned] == 0).all()) and bool((lin.weight[~pruned] != w[~pruned]).any())
+
+
+def test_mask_emitted_hook_any_implementation():
+    """``optima_mask_emitted`` is the seam: any registered implementation answers, in the layer's dtype."""
+    w, h, pruned, lin = _layer_problem()
+    lin.half()
+    seen = {}
+
+    class Doubler:
+        @hookimpl
+        def optima_mask_emitted(self, name, module, pruned, hessian, dense_weight):
+            seen.update(name=name, module=module, hessian=hessian)
+            return 2 * dense_weight  # pruned entries are zeroed by the caller
+
+    pm = get_plugin_manager()
+    pm.register(Doubler(), name="doubler")
+    try:
+        emit_mask("blocks.0.fc", lin, pruned, hessian=h, dense_weight=w)
+    finally:
+        pm.unregister(name="doubler")
+    assert seen["name"] == "blocks.0.fc" and seen["module"] is lin and seen["hessian"] is h
+    assert lin.weight.dtype == torch.float16
+    assert torch.equal(lin.weight, (2 * w).masked_fill(pruned, 0).half())
+
+
+def test_seam_in_process_explicit_emit_and_shims(models):
+    """A host loop inline: the seam's Hessian for an explicit emit, no double handling, tuple outputs."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    loader = PreTrainedModel.__dict__["from_pretrained"]
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(models / "llama")
+        block0 = model.model.layers[0]
+        hidden = [torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        with torch.no_grad():
+            outs = [block0(x) for x in hidden]  # no position_embeddings: the shim computes them
+        assert all(isinstance(o, tuple) and o[0].shape == (1, 16, 64) for o in outs)
+        q = block0.self_attn.q_proj
+        dense = q.weight.detach().clone()
+        mask = row_mask(dense.abs(), 0.5)
+        hessian = inst.seam.blocks[0].accs["self_attn.q_proj"].hessian.clone()
+        q.weight.data[mask] = 0
+        emit_mask("q", q, mask)
+        assert torch.allclose(q.weight, reconstruct(dense, mask, hessian, solver="direct").weight, atol=1e-6)
+        with torch.no_grad():
+            block0(hidden[0])
+            logits = model(torch.randint(0, 512, (1, 16))).logits  # inside a model forward: tensors flow
+        assert logits.shape == (1, 16, 512)
+        assert [x["name"] for x in inst.seam.layers] == ["model.layers.0.self_attn.q_proj"]
+        # A dense weight with zeros of its own (GGUF-dequantized models): the host's zero pattern is kept.
+        state = inst.seam.blocks[0].linears["self_attn.k_proj"]
+        k = block0.self_attn.k_proj
+        state.dense[:, :5] = 0
+        k.weight.data[:, :5] = 0
+        state.seen_zeros = int((k.weight == 0).sum())
+        with torch.no_grad():
+            block0(hidden[0])  # no new mask yet: nothing happens
+        assert len(inst.seam.layers) == 1
+        scores = state.dense.abs().clone()
+        scores[:, :5] = float("inf")
+        mask = row_mask(scores, 0.25)  # never the zero columns: the host keeps them
+        assert not bool(mask[:, :5].any())
+        k.weight.data[mask] = 0
+        zeros = k.weight == 0
+        with torch.no_grad():
+            block0(hidden[0])
+        assert len(inst.seam.layers) == 2 and torch.equal(k.weight == 0, zeros)
+    assert PreTrainedModel.__dict__["from_pretrained"] is loader  # uninstalled
+
+
+def test_native_keeps_the_host_weights_without_a_seam():
+    with install(HostOptions(weight_update="native")) as inst:
+        assert inst.seam is None and inst.plugin is None
+    with install(HostOptions(weight_update="none", mask_selector="magnitude")) as inst:
+        assert inst.seam is not None and inst.plugin is None  # the selector's mask, mask-only weights
+
+
+# -- SmolLM2-135M through the Wanda-style host ----------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_wanda_host_perplexity(tmp_path):
+    """The host's own perplexity printout on SmolLM2-135M, with and without ``--weight_update optima``
+    (8 x 256 calibration tokens, 4 evaluation windows of 256: short, so a loose bound)."""
+    from optima_plugin.loading import default_model, load_model, save_model
+
+    directory, gguf = default_model()
+    model, tokenizer = load_model(directory, gguf_file=gguf)
+    save_model(model, tokenizer, str(tmp_path / "smollm2"))  # the hosts load a model folder
+    del model
+    args = ["--model", str(tmp_path / "smollm2"), "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+            "--sparsity_type", "unstructured", "--nsamples", "8", "--eval_windows", "4", "--host_data", "pydoc",
+            "--host_seqlen", "256", "--host_dtype", "float32", "--tol", "1e-2", "--optima_quiet"]
+    ppl = {wu: perplexity(run_host("wanda", args + ["--weight_update", wu], tmp_path / wu, save=False)["stdout"],
+                          "wikitext perplexity") for wu in ("none", "optima")}
+    assert 15 < ppl["none"] < 60, ppl  # 50% Wanda on SmolLM2 (dense: about 13 on this text)
+    assert ppl["optima"] < 0.85 * ppl["none"], ppl
