@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from optima_plugin.testing import tiny_model, tiny_tokenizer
 
 
 def activation_hessian(d: int, *, tokens: int = 4096, dead: int = 2, seed: int = 0) -> torch.Tensor:
@@ -26,3 +29,12 @@ def activation_hessian(d: int, *, tokens: int = 4096, dead: int = 2, seed: int =
 def random_weight(r: int, d: int, *, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(r, d, generator=g) / d**0.5
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny Llama saved as a local model directory."""
+    path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

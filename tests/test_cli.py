@@ -11,16 +11,7 @@ import pytest
 import torch
 
 from optima_plugin import cli
-from optima_plugin.testing import tiny_model, tiny_tokenizer
 
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    """A tiny Llama saved as a local model directory."""
-    path = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize(

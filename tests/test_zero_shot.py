@@ -18,13 +18,6 @@ from optima_plugin.testing import tiny_model, tiny_tokenizer
 TASKS = Path(__file__).parent.parent / "examples" / "tasks"  # the local task users copy
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    path = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
 
 def _questions():
     return [json.loads(line) for line in (TASKS / "python_facts.jsonl").read_text().splitlines() if line.strip()]
