@@ -6,7 +6,7 @@ evaluation: the held-out last 20% in 512-token windows. Prints one row per
 and peak memory, plus the time and memory of ``wanda + optima`` as a ratio to
 ``wanda + none`` from the same run.
 
-    python benchmarks/smollm2_table.py                                  # full table (~1 h on 2 cores)
+    python benchmarks/smollm2_table.py                                  # full table (~1 h on 2 cores: run patterns in parallel, one thread each)
     python benchmarks/smollm2_table.py --patterns unstructured --methods wanda --json out.json
 """
 
@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval_max_windows", type=int, default=None)
-    ap.add_argument("--json", help="write the rows as JSON to this file")
+    ap.add_argument("--json", help="write the rows as JSON to this file (rewritten after every row)")
     args = ap.parse_args(argv)
 
     directory, gguf = default_model()
@@ -55,6 +55,8 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{pat:8} {method:10} {update:7} {ppl:9.3f} {row['error_ratio']:9.4f} "
                       f"{row['prune_seconds']:8.1f} {row['peak_rss_increase_mb']:8.0f}", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(dict(dense_ppl=dense_ppl, rows=rows), indent=1))
                 del model
     for pat in args.patterns:
         base = next((r for r in rows if r["pattern"] == pat and r["method"] == "wanda" and r["update"] == "none"), None)
@@ -63,8 +65,6 @@ def main(argv=None):
             print(f"{pat}: wanda+optima / wanda+none: time x{opt['prune_seconds'] / base['prune_seconds']:.2f}, "
                   f"peak memory increase x{opt['peak_rss_increase_mb'] / max(base['peak_rss_increase_mb'], 1):.2f}, "
                   f"ppl {opt['ppl']:.2f} vs {base['ppl']:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(dense_ppl=dense_ppl, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

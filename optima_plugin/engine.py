@@ -94,6 +94,21 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
         raise ValueError(f"--seqlen {seqlen} is beyond the model's context of {limit} tokens")
 
 
+def warn_small_calibration(linears: dict[str, nn.Linear], nsamples: int, seqlen: int, weight_update: str) -> None:
+    """Warn when fewer calibration tokens than a layer's input width make its Hessian singular.
+
+    With ``nsamples * seqlen < in_features`` the update can fit the calibration
+    tokens exactly and overfit them (higher perplexity than the mask alone).
+    """
+    if weight_update == "none":
+        return
+    widest = max((lin.in_features for lin in linears.values()), default=0)
+    if nsamples * seqlen < widest:
+        log.warning("%d calibration tokens (--nsamples %d x --seqlen %d) are fewer than the widest layer input (%d): "
+                    "its Hessian is singular and the %s update may overfit; use at least %d tokens",
+                    nsamples * seqlen, nsamples, seqlen, widest, weight_update, widest)
+
+
 @contextmanager
 def _hooks_removed(handles: list) -> Iterator[None]:
     try:
@@ -128,6 +143,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     linears = prunable_linears(adapter, config.skip_attention)
     for name, lin in linears.items():
         pattern.check_columns(lin.in_features, name)
+    warn_small_calibration(linears, config.nsamples, config.seqlen, config.weight_update)
 
     pm = get_plugin_manager()
     observers = [ProgressObserver(disable=not progress), ReportObserver()]

@@ -154,3 +154,16 @@ def test_bad_options(options, match, tokenizer):
     opts = dict(FAST, **options)
     with pytest.raises((ValueError, TypeError), match=match):
         prune(tiny_model("llama"), tokenizer, progress=False, **opts)
+
+
+def test_warns_when_calibration_tokens_are_fewer_than_a_layer_input(tokenizer, caplog):
+    """1 x 16 tokens < down_proj's 128 inputs: singular Hessian, the user is told; 4 x 64 is enough."""
+    with caplog.at_level("WARNING", logger="optima_plugin.engine"):
+        prune(tiny_model("llama"), tokenizer, nsamples=1, seqlen=16, calibration_dataset="pydoc", progress=False)
+    assert "fewer than the widest layer input (128)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optima_plugin.engine"):
+        prune(tiny_model("llama"), tokenizer, progress=False, **FAST)
+        prune(tiny_model("llama"), tokenizer, nsamples=1, seqlen=16, calibration_dataset="pydoc",
+              weight_update="none", progress=False)
+    assert "calibration tokens" not in caplog.text
