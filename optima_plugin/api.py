@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -11,10 +10,12 @@ from typing import Optional
 
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .config import PruneConfig
 from .engine import prune_model
 from .evaluation import eval_ppl, eval_zero_shot
 from .evaluation.zero_shot import check_tasks
+from .files import write_json
 from .loading import save_model
 from .memory import PeakMemory
 from .sparsity import check_sparsity
@@ -27,11 +28,16 @@ def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> d
 
     ``options`` are :class:`PruneConfig`'s fields (the CLI's flag names), e.g.
     ``prune(model, tok, prune_method="wanda", sparsity_ratio=0.5, weight_update="optima")``.
-    Returns the report dict (also written to ``report`` when given).
+    Every option and path is checked before any work. With a checkpoint folder
+    (``checkpoint_dir``, by default ``<save_model>.checkpoint``) the prune resumes
+    where an earlier run of the same options stopped, and a failure while
+    evaluating or saving leaves the pruned blocks there; the default folder is
+    removed once everything succeeded. Returns the report dict (also written to
+    ``report`` when given).
     """
+    if options.get("model_path") is None and Path(str(getattr(model, "name_or_path", "") or "")).is_dir():
+        options["model_path"] = str(model.name_or_path)
     config = PruneConfig.from_options(**options)
-    if config.save_model:
-        _check_target(config.save_model, config.overwrite)
     if config.plot:
         from .plot import require_matplotlib
 
@@ -49,21 +55,32 @@ def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> d
         report = prune_model(model, tokenizer, config, progress=progress)
     report["timings"]["total_prune_seconds"] = time.perf_counter() - t0
     report["memory"] = mem.to_dict()
-    if config.eval_ppl:
-        ppl["pruned"] = _evaluate(model, tokenizer, config)
-        report["ppl"] = ppl
-    if config.eval_zero_shot:
-        zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
-        report["zero_shot"] = zero_shot
-    if config.save_model:
-        save_model(model, tokenizer, config.save_model, overwrite=config.overwrite)
-        report["saved_to"] = str(config.save_model)
-    if config.report:
-        Path(config.report).write_text(json.dumps(report, indent=1))
-    if config.plot:
-        from .plot import plot_report
+    try:
+        if config.eval_ppl:
+            ppl["pruned"] = _evaluate(model, tokenizer, config)
+            report["ppl"] = ppl
+        if config.eval_zero_shot:
+            zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
+            report["zero_shot"] = zero_shot
+        if config.save_model:
+            protected = [config.model_path] if config.model_path else []
+            save_model(model, tokenizer, config.save_model, overwrite=config.overwrite, protected=protected)
+            report["saved_to"] = str(config.save_model)
+        if config.report:
+            write_json(config.report, report)
+        if config.plot:
+            from .plot import plot_report
 
-        plot_report(report, config.plot)
+            plot_report(report, config.plot)
+    except BaseException:
+        if config.checkpoint_dir:
+            log.error("the pruned model is kept in %s: run the same command again to evaluate and save it "
+                      "without pruning again", config.checkpoint_dir)
+        raise
+    if config.checkpoint_dir and config.checkpoint_is_default:
+        Checkpoint(config.checkpoint_dir, {}).remove()
+    elif config.checkpoint_dir:
+        log.info("checkpoint kept in %s (the same command reuses it; delete it when done)", config.checkpoint_dir)
     return report
 
 
@@ -79,12 +96,6 @@ def _zero_shot(model, tokenizer, config: PruneConfig, progress: bool) -> dict:
     return eval_zero_shot(model, tokenizer, config.eval_zero_shot, tasks_dir=config.tasks_dir,
                           batch_size=config.eval_batch_size, limit=config.eval_limit,
                           num_fewshot=config.num_fewshot, progress=progress)
-
-
-def _check_target(directory: str, overwrite: bool) -> None:
-    path = Path(directory)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"--save_model {directory} exists and is not empty; pass --overwrite to replace it")
 
 
 def prune_and_quantize(

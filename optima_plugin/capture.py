@@ -127,6 +127,28 @@ def capture_block_inputs(
     return torch.cat(captured), recorded
 
 
+def batch_kwargs(kwargs: dict, captured: int, batch: int) -> dict:
+    """``kwargs`` recorded for ``captured`` windows, cut for a forward of ``batch <= captured`` windows.
+
+    Tensors of two or more dimensions whose first is ``captured`` (attention masks,
+    per-window rotary tables) keep their first ``batch`` entries: every window's are
+    alike (calibration windows have no padding).
+    """
+    if batch == captured:
+        return kwargs
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value[:batch] if value.dim() >= 2 and value.shape[0] == captured else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(v) for v in value)
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    return cut(kwargs)
+
+
 def run_block(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
     """Call ``block`` on ``hidden`` ``(b, seqlen, d)``; return its hidden states (tensor or tuple output)."""
     device = hidden.device

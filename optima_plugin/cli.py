@@ -6,10 +6,12 @@ import argparse
 import logging
 import re
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from .checkpoint import RunInterrupted
 from .config import PruneConfig
 from .evaluation.zero_shot import DEFAULT_TASKS
 from .plugins import registry
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_model", help="directory to save the pruned model and tokenizer")
     a("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
     a("--report", help="write the JSON report to this file")
+    a("--checkpoint_dir", metavar="DIR", help="record every pruned block here; the same command started again "
+      "resumes at the first unfinished block (default with --save_model: SAVE_MODEL.checkpoint, removed after success)")
+    a("--no_checkpoint", action="store_true", help="no default checkpoint beside --save_model")
     a("--quiet", action="store_true", help="no progress bars or info logs")
     return p
 
@@ -84,14 +89,17 @@ def _count_or_fraction(text: str):
     return int(value) if value >= 1 and value.is_integer() else value
 
 
-def _load(args):
-    from .loading import default_model, load_model
+def _model_source(args) -> tuple[str, Optional[str]]:
+    """``(model directory or hub id, GGUF file or None)``: ``--model``, else the embedded SmolLM2-135M."""
+    from .loading import default_model
 
-    dtype = getattr(torch, args.dtype)
-    if args.model is None:
-        directory, gguf = default_model()
-        return load_model(directory, gguf_file=gguf, dtype=dtype)
-    return load_model(args.model, gguf_file=args.gguf_file, dtype=dtype)
+    return (args.model, args.gguf_file) if args.model is not None else default_model()
+
+
+def _load(model: str, gguf_file: Optional[str], dtype: str):
+    from .loading import load_model
+
+    return load_model(model, gguf_file=gguf_file, dtype=getattr(torch, dtype))
 
 
 def print_summary(report: dict, out=None) -> None:
@@ -111,6 +119,15 @@ def print_summary(report: dict, out=None) -> None:
         sp = sum(x["sparsity"] for x in items) / len(items)
         print(f"{kind:28} {len(items):4d} {sp:9.4f} {sum(er) / len(er) if er else float('nan'):12.4f}", file=out)
     print(f"overall sparsity {report['sparsity']:.4f}", file=out)
+    summary = report.get("summary", {})
+    if summary.get("nonconverged"):
+        print(f"{summary['nonconverged']} of {summary['layers']} layers did not converge (e.g. "
+              f"{summary['nonconverged_layers'][0]}); raise --max_iter or loosen --tol", file=out)
+    if summary.get("damp_escalated"):
+        print(f"{summary['damp_escalated']} layers needed more damping than --damp (e.g. "
+              f"{summary['damp_escalated_layers'][0]}); see layers[].update.damp in the report", file=out)
+    if summary.get("rejected_updates"):
+        print(f"{summary['rejected_updates']} layers kept the mask-only weights (the update was worse)", file=out)
     ratios = [x["ratio"] for x in layers]
     if ratios and (max(ratios) - min(ratios) > 1e-9 or opts.get("use_trim")):
         stds = [x["rows"]["std"] for x in layers if x.get("rows")]
@@ -160,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+    config = None
     try:
         options = dict(
             prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
@@ -177,8 +195,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,
             eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
             save_model=args.save_model, overwrite=args.overwrite, report=args.report,
+            checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
         )
-        config = PruneConfig.from_options(**options)
+        source, gguf_file = _model_source(args)
+        options["model_path"] = source
+        config = PruneConfig.from_options(**options)  # every option, input and output path, before the load
         # Check names before the (slow) model load.
         for kind, name, flag in (("selectors", config.prune_method, "--prune_method"),
                                  ("updaters", config.weight_update, "--weight_update"),
@@ -200,12 +221,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .plot import require_matplotlib
 
             require_matplotlib()
-        model, tokenizer = _load(args)
+        model, tokenizer = _load(source, gguf_file, args.dtype)
         report = prune(model, tokenizer, progress=not args.quiet, **options)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
-            ImportError) as e:
+            ImportError, torch.linalg.LinAlgError) as e:
         print(f"optima-prune: error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"optima-prune: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if config is not None and config.checkpoint_dir and Path(config.checkpoint_dir, "state.json").exists():
+            print(f"optima-prune: interrupted; the finished blocks are in {config.checkpoint_dir}: run the same "
+                  "command again to resume", file=sys.stderr)
+        else:
+            print("optima-prune: interrupted; nothing was saved (with --save_model or --checkpoint_dir a run "
+                  "stops after the current block on Ctrl-C and resumes)", file=sys.stderr)
+        return 130
     print_summary(report)
     if args.report:
         log.info("report written to %s", args.report)

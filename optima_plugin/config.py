@@ -6,7 +6,9 @@ The field names are the CLI's flag names (the hosts' names where they exist).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from .sparsity import Pattern, parse_pattern
@@ -66,13 +68,20 @@ class PruneConfig:
     save_model: Optional[str] = None
     overwrite: bool = False
     report: Optional[str] = None
+    checkpoint_dir: Optional[str] = None
+    checkpoint: bool = True
+    model_path: Optional[str] = None  # --model: directory or hub id (never overwritten; part of the checkpoint's identity)
 
     @property
     def pattern(self) -> Pattern:
         return parse_pattern(self.sparsity_type)
 
     def validate(self) -> "PruneConfig":
-        """Raise ``ValueError`` with a flag-named message for bad values; return self."""
+        """Raise ``ValueError`` with a flag-named message for bad values, inputs or outputs; return self.
+
+        Cheap (no model, no tokenizing): every option, input path, dataset name and
+        output path is checked here, before any expensive work.
+        """
         if not 0.0 <= self.sparsity_ratio < 1.0:
             raise ValueError(f"--sparsity_ratio must be in [0, 1), got {self.sparsity_ratio}")
         self.pattern  # parses and checks N:M
@@ -81,8 +90,14 @@ class PruneConfig:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.damp < 0:
-            raise ValueError(f"--damp must be >= 0, got {self.damp}")
+        if not (math.isfinite(self.damp) and self.damp >= 0):
+            raise ValueError(f"--damp must be a finite number >= 0, got {self.damp}")
+        if self.tol is not None and not 0.0 < self.tol < 1.0:
+            raise ValueError(f"--tol must be in (0, 1) (a relative tolerance), got {self.tol}")
+        for name in ("max_iter", "eval_max_windows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value}")
         if isinstance(self.eval_ppl, str):
             self.eval_ppl = [s for s in self.eval_ppl.split(",") if s]
         self._validate_allocation()
@@ -96,7 +111,39 @@ class PruneConfig:
             raise ValueError(f"--eval_limit must be positive (a count, or a fraction below 1), got {self.eval_limit}")
         if self.plot and not self.plot.lower().endswith(PLOT_FORMATS):
             raise ValueError(f"--plot {self.plot}: the file name must end with one of {', '.join(PLOT_FORMATS)}")
+        self._validate_paths()
         return self
+
+    def _validate_paths(self) -> None:
+        """Datasets and input files exist; every output can be written; the checkpoint folder is usable."""
+        from .checkpoint import check_checkpoint_dir, default_checkpoint_dir
+        from .data import check_dataset
+        from .files import check_output_file, check_save_target
+
+        check_dataset(self.calibration_dataset, "--calibration_dataset")
+        for ds in self.eval_ppl:
+            check_dataset(ds, "--eval_ppl")
+        if self.load_layer_ratio and not Path(self.load_layer_ratio).is_file():
+            raise ValueError(f"--load_layer_ratio {self.load_layer_ratio}: no such file")
+        if self.tasks_dir and not Path(self.tasks_dir).is_dir():
+            raise ValueError(f"--tasks_dir {self.tasks_dir}: no such folder")
+        for flag in ("report", "plot", "save_layer_ratio"):
+            if getattr(self, flag):
+                check_output_file(getattr(self, flag), f"--{flag}")
+        protected = [self.model_path] if self.model_path and Path(self.model_path).exists() else []
+        if self.save_model:
+            check_save_target(self.save_model, overwrite=self.overwrite, protected=protected)
+        if self.checkpoint_dir is None and self.save_model and self.checkpoint:
+            self.checkpoint_dir = default_checkpoint_dir(self.save_model)
+        if self.checkpoint_dir:
+            check_checkpoint_dir(self.checkpoint_dir, protected=protected)
+
+    @property
+    def checkpoint_is_default(self) -> bool:
+        """Whether the checkpoint folder is the default one beside ``--save_model`` (removed after success)."""
+        from .checkpoint import default_checkpoint_dir
+
+        return bool(self.save_model and self.checkpoint_dir == default_checkpoint_dir(self.save_model))
 
     @property
     def row_allocation(self) -> Optional[str]:

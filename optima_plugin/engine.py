@@ -16,16 +16,19 @@ hooks (see :mod:`optima_plugin.hookspecs`).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from .allocators import AllocationContext, resolve_layer_ratios, row_summary
-from .capture import capture_block_inputs, run_block
+from .capture import batch_kwargs, capture_block_inputs, run_block
+from .checkpoint import Checkpoint, RunInterrupted, run_identity, stop_after_block
 from .config import PruneConfig
 from .data import get_calibration
 from .hessian import attach
@@ -118,15 +121,41 @@ def _hooks_removed(handles: list) -> Iterator[None]:
             h.remove()
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """``NonFiniteError`` naming ``what`` when ``tensor`` holds NaN or Inf."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        nan = int(torch.isnan(tensor).sum())
+        raise NonFiniteError(f"{what} hold{'s' if not what.endswith('s') else ''} {nan} NaN and "
+                             f"{int(bad.sum()) - nan} infinite value(s); check the model's weights and dtype "
+                             "(float16 overflows where bfloat16 does not)")
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf in weights, Hessians or block outputs; the message names the layer."""
+
+
 def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True) -> dict:
     """Prune ``model`` in place as ``config`` says; return the JSON-ready report.
 
     The report holds ``sparsity`` (zero fraction over the pruned linears),
-    ``layers`` (one :class:`LayerResult` dict each), ``options`` and ``timings``.
+    ``layers`` (one :class:`LayerResult` dict each), ``summary`` (counts of layers
+    whose solver did not converge or whose update was rejected), ``options`` and
+    ``timings``. With ``config.checkpoint_dir`` every finished block is recorded
+    there and a run started again resumes at the first unfinished block; Ctrl-C
+    then stops after the current block (:class:`~optima_plugin.checkpoint.RunInterrupted`).
     """
     from .observers import ProgressObserver, ReportObserver
 
     config.validate()
+    seed_everything(config.seed)
     pattern = config.pattern
     selector = lookup("selectors", config.prune_method, "--prune_method")
     updater = lookup("updaters", config.weight_update, "--weight_update")
@@ -143,64 +172,97 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     linears = prunable_linears(adapter, config.skip_attention)
     for name, lin in linears.items():
         pattern.check_columns(lin.in_features, name)
+    checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), model)) \
+        if config.checkpoint_dir else None
+    resume = checkpoint.load() if checkpoint else None
+    start = resume.next_block if resume else 0
+    num_blocks = len(adapter.blocks)
+    if resume:
+        checkpoint.restore(adapter.blocks, start)
+        log.info("resuming from %s: blocks 0..%d of %d are pruned already", config.checkpoint_dir, start - 1,
+                 num_blocks)
+    for name, lin in linears.items():  # every weight, before calibration
+        check_finite(lin.weight.detach(), f"{name}: its weights")
     warn_small_calibration(linears, config.nsamples, config.seqlen, config.weight_update)
 
     pm = get_plugin_manager()
     observers = [ProgressObserver(disable=not progress), ReportObserver()]
+    if resume:
+        observers[1].layers, observers[1].block_seconds = list(resume.layers), list(resume.block_seconds)
     for obs in observers:
         pm.register(obs)
+    oom_backoff = list(resume.oom_backoff) if resume else []
     try:
         t_start = time.perf_counter()
+        ratios = _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, None, device, offload,
+                               progress)
         tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
         if not offload:
             model.to(device)
         t_alloc = time.perf_counter()
-        if pattern.structured:
-            ratios = {name: pattern.ratio for name in linears}
-        else:
-            context = AllocationContext(model, adapter, config.sparsity_ratio, linears, config=config, tokens=tokens,
-                                        device=device, offload=offload, progress=progress)
-            ratios = resolve_layer_ratios(allocator, context)
+        if ratios is None:
+            ratios = _layer_ratios(None, pattern, linears, allocator, model, adapter, config, tokens, device,
+                                   offload, progress)
         t_alloc = time.perf_counter() - t_alloc
         storage = torch.device("cpu") if offload else device
         inputs, block_kwargs = capture_block_inputs(
             adapter, tokens, device=device, batch_size=config.batch_size, storage_device=storage
         )
+        if resume and start < num_blocks:
+            inputs = checkpoint.inputs(start).to(device=storage, dtype=inputs.dtype)
+        check_finite(inputs, "the inputs of the first pruned block (the embedding outputs)")
         t_capture = time.perf_counter() - t_start - t_alloc
         hdtype = torch.float64 if config.double_precision else torch.float32
         options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision)
-        num_blocks = len(adapter.blocks)
         prefix = blocks_path(adapter)
         pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
-        for i, block in enumerate(adapter.blocks):
-            t_block = time.perf_counter()
-            pm.hook.optima_block_started(index=i, num_blocks=num_blocks)
-            block.to(device)
-            names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
-            todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
-            groups = input_groups(block)
-            hessians = {} if config.input_recalc else _block_hessians(block, todo, groups, inputs, block_kwargs[i],
-                                                                      config, device, hdtype)
-            for rel, lin in todo.items():
-                if rel not in hessians:  # --input_recalc: this input group's Hessian, after the linears before it
-                    group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
-                    hessians = _block_hessians(block, group, groups, inputs, block_kwargs[i], config, device, hdtype)
-                result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                       selector, updater, options, row_allocator, config)
-                pm.hook.optima_layer_done(result=result)
-            del hessians
-            _propagate(block, inputs, block_kwargs[i], config.batch_size, device)
-            if offload:
-                block.to("cpu")
-            pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=time.perf_counter() - t_block)
+        observers[0].skip(start)
+        with stop_after_block(enabled=checkpoint is not None) as stop:
+            for i in range(start, num_blocks):
+                block = adapter.blocks[i]
+                t_block = time.perf_counter()
+                seed_everything(config.seed + i)  # each block's randomness independent of the blocks before it
+                pm.hook.optima_block_started(index=i, num_blocks=num_blocks)
+                block.to(device)
+                names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
+                todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
+                groups = input_groups(block)
+                hessians = {} if config.input_recalc else _block_hessians(
+                    block, todo, groups, inputs, block_kwargs[i], config, device, hdtype, i, names, oom_backoff)
+                for rel, lin in todo.items():
+                    if rel not in hessians:  # --input_recalc: this input group's Hessian, after the linears before it
+                        group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
+                        hessians = _block_hessians(block, group, groups, inputs, block_kwargs[i], config, device,
+                                                   hdtype, i, names, oom_backoff)
+                    result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
+                                           selector, updater, options, row_allocator, config)
+                    pm.hook.optima_layer_done(result=result)
+                del hessians
+                _propagate(block, inputs, block_kwargs[i], config.batch_size, device, i, oom_backoff)
+                check_finite(inputs, f"the outputs of block {i} ({prefix}.{i})")
+                if offload:
+                    block.to("cpu")
+                seconds = time.perf_counter() - t_block
+                if checkpoint is not None:
+                    checkpoint.save(i, block, inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
+                                    ratios=ratios, layers=observers[1].layers,
+                                    block_seconds=observers[1].block_seconds + [seconds], oom_backoff=oom_backoff)
+                pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
+                if stop.requested and i + 1 < num_blocks:
+                    raise RunInterrupted(f"interrupted after block {i} of {num_blocks}: blocks 0..{i} are saved in "
+                                         f"{config.checkpoint_dir}; run the same command again to resume")
         report = {
+            "completed": True,
             "sparsity": _sparsity(linears.values()),
+            "summary": summarize(observers[1].layers, config.damp),
             "options": config.to_dict(),
             "device": str(device),
             "offload": offload,
             "layers": observers[1].layers,
             "allocation": {"method": config.allocation, "rows": config.row_allocation,
                            "loaded_from": config.load_layer_ratio},
+            "resumed_from_block": start if resume else None,
+            "oom_backoff": oom_backoff,
             "timings": {
                 "capture_seconds": t_capture,
                 "allocation_seconds": t_alloc,
@@ -210,13 +272,52 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         }
         pm.hook.optima_run_done(report=report)
         return report
+    except Exception:
+        if checkpoint is not None and (checkpoint.dir / "state.json").exists():
+            log.error("the finished blocks are saved in %s; fix the problem and run the same command to resume",
+                      config.checkpoint_dir)
+        raise
     finally:
         for obs in observers:
             pm.unregister(obs)
 
 
-def _block_hessians(block, todo, groups, inputs, kwargs, config, device, dtype) -> dict:
-    """Pass 1: one streamed Hessian per distinct input of the linears in ``todo``."""
+def _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, tokens, device, offload,
+                  progress) -> Optional[dict]:
+    """Each linear's ratio: from the checkpoint, the N:M pattern, a ratio file, or the allocator.
+
+    Without ``tokens`` only what needs no calibration is resolved (so a bad ratio
+    file fails before calibration); None means: call again with the tokens.
+    """
+    if resume is not None:
+        return resume.ratios
+    if pattern.structured:
+        return {name: pattern.ratio for name in linears}
+    if tokens is None and not config.load_layer_ratio:
+        return None
+    context = AllocationContext(model, adapter, config.sparsity_ratio, linears, config=config, tokens=tokens,
+                                device=device, offload=offload, progress=progress)
+    return resolve_layer_ratios(allocator, context)
+
+
+def summarize(layers: list, damp: float) -> dict:
+    """Counts over the report's layers: solver non-convergence, rejected updates, damping raised above ``damp``."""
+    nonconverged = [x["name"] for x in layers if x.get("update", {}).get("converged") is False]
+    rejected = [x["name"] for x in layers if not x.get("accepted", True)]
+    damped = [x["name"] for x in layers if x.get("update", {}).get("damp", damp) > damp]
+    ratios = [x["error_ratio"] for x in layers if x.get("error_ratio") is not None]
+    return {"layers": len(layers), "nonconverged": len(nonconverged), "nonconverged_layers": nonconverged,
+            "rejected_updates": len(rejected), "rejected_layers": rejected,
+            "damp_escalated": len(damped), "damp_escalated_layers": damped,
+            "mean_error_ratio": sum(ratios) / len(ratios) if ratios else None}
+
+
+def _block_hessians(block, todo, groups, inputs, kwargs, config, device, dtype, index, names, oom_backoff) -> dict:
+    """Pass 1: one streamed Hessian per distinct input of the linears in ``todo``.
+
+    On out-of-memory the pass starts over with half the batch (down to 1), logged
+    and recorded in ``oom_backoff``. Non-finite Hessians stop the run naming the layer.
+    """
     owners = {}  # linear rel name -> the group member the hook sits on
     for group in groups:
         members = [g for g in group if g in todo]
@@ -225,12 +326,34 @@ def _block_hessians(block, todo, groups, inputs, kwargs, config, device, dtype) 
     for rel in todo:
         owners.setdefault(rel, rel)
     hooked = sorted(set(owners.values()))
-    accs, handles = attach([todo[rel] for rel in hooked], dtype)
-    with _hooks_removed(handles), torch.no_grad():
-        for start in range(0, inputs.shape[0], config.batch_size):
-            run_block(block, inputs[start : start + config.batch_size].to(device), kwargs)
+    batch = config.batch_size
+    while True:
+        accs, handles = attach([todo[rel] for rel in hooked], dtype)
+        try:
+            with _hooks_removed(handles), torch.no_grad():
+                for start in range(0, inputs.shape[0], batch):
+                    chunk = inputs[start : start + batch].to(device)
+                    run_block(block, chunk, batch_kwargs(kwargs, config.batch_size, chunk.shape[0]))
+            break
+        except torch.OutOfMemoryError:
+            del accs
+            batch = _halve(batch, f"the statistics pass of block {index}", device)
+            oom_backoff.append({"block": index, "pass": "hessian", "batch": batch})
     by_owner = dict(zip(hooked, accs))
+    for rel in todo:
+        check_finite(by_owner[owners[rel]].hessian, f"{names[rel]}: its input Hessian")
     return {rel: by_owner[owners[rel]].hessian for rel in todo}
+
+
+def _halve(batch: int, what: str, device: torch.device) -> int:
+    """The batch after an out-of-memory error in ``what``; re-raises at batch 1."""
+    if batch == 1:
+        raise torch.OutOfMemoryError(f"out of memory in {what} even with one calibration window per forward; "
+                                     "use --offload, a shorter --seqlen or a larger device")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.warning("out of memory in %s with %d windows per forward; retrying with %d", what, batch, batch // 2)
+    return batch // 2
 
 
 def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options,
@@ -246,6 +369,7 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
     selection = selector.select(work, hessian, ratio, pattern)
     upd = updater.update(dense, selection, hessian, options)
     new = upd.weight.to(dense.dtype)
+    check_finite(new, f"{name}: the weights of the {updater.name} update")
     mask_only = dense.masked_fill(selection.pruned, 0)
     accepted = True
     objective = mask_objective = error_ratio = None
@@ -268,12 +392,20 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
     )
 
 
-def _propagate(block, inputs, kwargs, batch_size, device) -> None:
-    """Pass 2: replace ``inputs`` in place by the pruned block's outputs."""
+def _propagate(block, inputs, kwargs, batch_size, device, index, oom_backoff) -> None:
+    """Pass 2: replace ``inputs`` in place by the pruned block's outputs (halving the batch on out-of-memory)."""
+    start, batch = 0, batch_size
     with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch_size):
-            out = run_block(block, inputs[start : start + batch_size].to(device), kwargs)
-            inputs[start : start + batch_size] = out.to(inputs.device, inputs.dtype)
+        while start < inputs.shape[0]:
+            try:
+                chunk = inputs[start : start + batch].to(device)
+                out = run_block(block, chunk, batch_kwargs(kwargs, batch_size, chunk.shape[0]))
+            except torch.OutOfMemoryError:
+                batch = _halve(batch, f"the output pass of block {index}", device)
+                oom_backoff.append({"block": index, "pass": "propagate", "batch": batch})
+                continue
+            inputs[start : start + batch] = out.to(inputs.device, inputs.dtype)
+            start += batch
 
 
 def _sparsity(linears) -> float:

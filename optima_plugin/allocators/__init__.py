@@ -27,6 +27,16 @@ class UniformAllocator:
         return {name: context.target for name in context.linears}
 
 
+#: how far a ratio file's mean may be from --sparsity_ratio (OWL/AlphaPruning files keep it to ~1e-6)
+RATIO_FILE_TOLERANCE = 0.01
+
+
+def weighted_mean(ratios: dict, linears: dict) -> float:
+    """The mean of ``{name: ratio}`` weighted by each linear's number of weights (the overall sparsity)."""
+    sizes = {name: linears[name].weight.numel() for name in ratios}
+    return sum(ratios[n] * sizes[n] for n in ratios) / max(1, sum(sizes.values()))
+
+
 def resolve_layer_ratios(allocator, context: AllocationContext) -> dict:
     """``{linear full name: ratio}`` for every linear of ``context``.
 
@@ -37,6 +47,12 @@ def resolve_layer_ratios(allocator, context: AllocationContext) -> dict:
     load = context.option("load_layer_ratio", None)
     if load:
         ratios = load_layer_ratios(load, context)
+        mean = weighted_mean(ratios, context.linears)
+        if abs(mean - context.target) > RATIO_FILE_TOLERANCE:
+            raise ValueError(f"--load_layer_ratio {load}: the ratios' mean sparsity (weighted by layer size) is "
+                             f"{mean:.4f} but --sparsity_ratio is {context.target:g}"
+                             + ("; does the file hold densities? use 1 - values" if abs(1 - mean - context.target)
+                                <= RATIO_FILE_TOLERANCE else ""))
         log.info("layer ratios loaded from %s (the %s allocator is not run)", load, allocator.name)
     else:
         ratios = allocator.layer_ratios(context)

@@ -17,6 +17,11 @@ class ProgressObserver:
     def optima_run_started(self, config, num_blocks):
         self.bar = tqdm(total=num_blocks, desc="pruning blocks", unit="block", disable=self.disable)
 
+    def skip(self, blocks: int) -> None:
+        """Count ``blocks`` already done (a resumed run) on the bar."""
+        if self.bar is not None and blocks:
+            self.bar.update(blocks)
+
     @hookimpl
     def optima_layer_done(self, result):
         if result.error_ratio is not None:

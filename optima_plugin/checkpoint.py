@@ -1,0 +1,201 @@
+"""Resumable runs: after each pruned block, its weights and the next block's inputs go to disk.
+
+    DIR/state.json               marker, the run's identity, layer ratios, report rows, next block
+    DIR/block_00012.safetensors  block 12's pruned parameters and buffers
+    DIR/inputs_00013.safetensors the inputs of block 13 (removed once block 13 is checkpointed)
+
+Every file is written to a temporary sibling and renamed, and ``state.json`` last, so
+a crash at any moment leaves a consistent checkpoint. Started again with the same
+options, a run loads the finished blocks, takes the saved inputs and goes on at the
+first unfinished block; since inputs are stored exactly (the model's dtype) and each
+block's random state is re-seeded, the result is bit-identical to an uninterrupted
+run on CPU. Only files of these names are ever removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .files import atomic_path, check_output_file, write_json
+
+log = logging.getLogger(__name__)
+
+MARKER = "optima_plugin checkpoint"
+STATE = "state.json"
+_OURS = re.compile(r"^(state\.json|block_\d{5}\.safetensors|inputs_\d{5}\.safetensors)$")
+
+#: PruneConfig fields that do not change the pruned weights (outputs, evaluation, where it runs).
+NOT_IDENTITY = {"eval_ppl", "eval_dense", "eval_max_windows", "eval_zero_shot", "tasks_dir", "eval_batch_size",
+                "eval_limit", "num_fewshot", "plot", "save_model", "overwrite", "report", "checkpoint_dir",
+                "checkpoint", "save_layer_ratio", "device", "offload"}
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after a finished (and checkpointed) block; the message says how to resume."""
+
+
+def default_checkpoint_dir(save_model: str) -> str:
+    """``<save_model>.checkpoint`` beside the ``--save_model`` folder (absolute)."""
+    target = Path(save_model).resolve()
+    return str(target.parent / f"{target.name}.checkpoint")
+
+
+def _is_ours(directory: Path) -> bool:
+    try:
+        return json.loads((directory / STATE).read_text()).get("marker") == MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_checkpoint_dir(directory: str, protected: Sequence[str] = ()) -> None:
+    """``ValueError`` unless ``directory`` is new, empty, or a checkpoint this tool wrote, and writable."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--checkpoint_dir {directory} is a file; name a folder")
+    for other in protected:
+        if path.resolve() == Path(other).resolve():
+            raise ValueError(f"--checkpoint_dir {directory} is the --model folder; choose another folder")
+    if path.is_dir() and any(path.iterdir()) and not _is_ours(path):
+        raise ValueError(f"--checkpoint_dir {directory} holds files this tool did not write; "
+                         "choose a new or empty folder")
+    check_output_file(path / STATE, "--checkpoint_dir")
+
+
+def run_identity(options: dict, model: nn.Module) -> dict:
+    """What must match for a checkpoint to be resumed: the pruning options and the dense model.
+
+    The model is identified by class, dtype, shape of its config and a sample of its
+    input embedding (never pruned), so a checkpoint is not applied to another model.
+    """
+    ident = {k: v for k, v in options.items() if k not in NOT_IDENTITY}
+    emb = model.get_input_embeddings().weight.detach()
+    sample = emb.flatten()[:: max(1, emb.numel() // 4096)].float().cpu().numpy().tobytes()
+    ident["model_fingerprint"] = {
+        "class": type(model).__name__, "dtype": str(emb.dtype),
+        "layers": getattr(model.config, "num_hidden_layers", None),
+        "hidden": getattr(model.config, "hidden_size", None),
+        "embedding_sample_sha1": hashlib.sha1(sample).hexdigest(),
+    }
+    return json.loads(json.dumps(ident, default=str))
+
+
+@dataclass
+class Resume:
+    """What a checkpoint holds: the next block to prune and the state to continue from."""
+
+    next_block: int
+    ratios: dict
+    layers: list
+    block_seconds: list
+    oom_backoff: list
+
+
+class Checkpoint:
+    """A checkpoint folder for one run (see the module docstring)."""
+
+    def __init__(self, directory: str, identity: dict) -> None:
+        self.dir = Path(directory)
+        self.identity = identity
+
+    def _block(self, i: int) -> Path:
+        return self.dir / f"block_{i:05d}.safetensors"
+
+    def _inputs(self, i: int) -> Path:
+        return self.dir / f"inputs_{i:05d}.safetensors"
+
+    def load(self) -> Optional[Resume]:
+        """The saved state, None when there is none; ``ValueError`` when it belongs to another run."""
+        if not (self.dir / STATE).is_file():
+            return None
+        state = json.loads((self.dir / STATE).read_text())
+        if state.get("marker") != MARKER:
+            raise ValueError(f"--checkpoint_dir {self.dir}: {STATE} was not written by this tool")
+        saved = state["identity"]
+        if saved != self.identity:
+            keys = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
+            raise ValueError(f"--checkpoint_dir {self.dir} holds a run with other options or another model "
+                             f"(differs in {', '.join(keys)}); use the same command, another --checkpoint_dir, "
+                             "or delete that folder")
+        return Resume(state["next_block"], state["ratios"], state["layers"], state["block_seconds"],
+                      state.get("oom_backoff", []))
+
+    def restore(self, blocks: Sequence[nn.Module], upto: int) -> None:
+        """Load the saved parameters of blocks ``0 .. upto-1`` into ``blocks`` (in place, exact)."""
+        for i in range(upto):
+            tensors = load_file(str(self._block(i)))
+            with torch.no_grad():
+                blocks[i].load_state_dict(tensors, strict=True)
+
+    def inputs(self, i: int) -> Tensor:
+        """The saved inputs of block ``i`` ``(n, seqlen, hidden)``, in the dtype they were saved in (CPU)."""
+        return load_file(str(self._inputs(i)))["inputs"]
+
+    def save(self, i: int, block: nn.Module, next_inputs: Optional[Tensor], *, num_blocks: int, ratios: dict,
+             layers: list, block_seconds: list, oom_backoff: list) -> None:
+        """Record that block ``i`` is pruned: its tensors, block ``i+1``'s inputs, then the state."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        with atomic_path(self._block(i)) as tmp:
+            save_file(tensors, str(tmp))
+        if next_inputs is not None:
+            with atomic_path(self._inputs(i + 1)) as tmp:
+                save_file({"inputs": next_inputs.detach().to("cpu").contiguous()}, str(tmp))
+        write_json(self.dir / STATE, {
+            "marker": MARKER, "identity": self.identity, "next_block": i + 1, "num_blocks": num_blocks,
+            "ratios": ratios, "layers": layers, "block_seconds": block_seconds, "oom_backoff": oom_backoff,
+        })
+        self._inputs(i).unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Delete the files this tool wrote here, then the folder if nothing else is left in it."""
+        if not self.dir.is_dir() or not _is_ours(self.dir):
+            return
+        for f in self.dir.iterdir():
+            if f.is_file() and _OURS.match(f.name):
+                f.unlink()
+        try:
+            self.dir.rmdir()
+        except OSError:
+            log.info("checkpoint files removed; %s holds other files and was kept", self.dir)
+
+
+@contextmanager
+def stop_after_block(enabled: bool) -> Iterator["_StopRequest"]:
+    """While active, a first Ctrl-C only asks the run to stop after the current block; a second stops at once.
+
+    Does nothing when not ``enabled`` (no checkpoint: nothing to resume from) or off the main thread.
+    """
+    request = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request.requested:
+            raise KeyboardInterrupt
+        request.requested = True
+        log.warning("Ctrl-C: stopping after the current block (press Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class _StopRequest:
+    requested: bool = False
