@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from .files import check_save_target, remove_saved_directory, resolve_dir, write_save_marker
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +59,60 @@ def load_model(model: str, gguf_file: Optional[str] = None, dtype: torch.dtype =
     return lm.eval(), tokenizer
 
 
-def save_model(model, tokenizer, directory: str, overwrite: bool = False) -> Path:
-    """Save model (safetensors) and tokenizer into ``directory`` atomically.
+def save_model(model, tokenizer, directory: str, overwrite: bool = False, protected: Sequence[str] = ()) -> Path:
+    """Save model (safetensors), tokenizer and :data:`~optima_plugin.files.SAVE_MARKER` into ``directory``.
 
-    Written to a temporary directory beside the target, then moved into place;
-    an existing non-empty directory is refused unless ``overwrite``.
+    ``directory`` is checked first (:func:`~optima_plugin.files.check_save_target`: never
+    the current directory, home, ``protected`` paths, or a non-empty folder the tool did
+    not save). Everything is written to a temporary sibling, then renamed into place; an
+    existing (empty, or previously saved) directory is moved aside first and deleted only
+    after the new one is in place. On failure only this call's temporary folders are
+    removed and the old directory is put back. Returns the resolved target.
     """
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass --overwrite to replace it")
+    target = resolve_dir(directory)
+    check_save_target(directory, overwrite=overwrite, protected=protected)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    prefix = f".{target.name[:80]}.optima-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix + "new.", dir=target.parent))
+    aside: Optional[Path] = None  # while the new directory moves in, the old one waits as aside/old
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_save_marker(tmp)
         if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+            aside = Path(tempfile.mkdtemp(prefix=prefix + "old.", dir=target.parent))
+            os.rename(target, aside / "old")
+        os.rename(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # created by this call: all ours
+        if aside is not None:
+            _restore(aside, target)
         raise
+    if aside is not None:
+        _remove_old(aside)
     log.info("saved pruned model to %s", target)
     return target
+
+
+def _restore(aside: Path, target: Path) -> None:
+    """Put the moved-aside old directory back at ``target`` after a failed save; remove ``aside``."""
+    old = aside / "old"
+    try:
+        if old.exists():
+            os.rename(old, target)
+        aside.rmdir()
+    except OSError as e:
+        log.error("could not move the previous model directory back: it is in %s (%s)", old, e)
+
+
+def _remove_old(aside: Path) -> None:
+    """Delete the replaced directory (only what the tool wrote there, see its marker) and ``aside``."""
+    old = aside / "old"
+    try:
+        left = remove_saved_directory(old)
+        if left:
+            log.warning("kept %s: it holds files optima-prune did not write (%s)", old, ", ".join(left[:3]))
+            return
+        aside.rmdir()
+    except OSError as e:
+        log.warning("could not remove the previous model directory %s: %s", old, e)

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .files import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -69,10 +71,14 @@ def _title(report: dict) -> str:
 
 
 def plot_report(report: dict, path: str) -> str:
-    """Draw ``report``'s per-layer figures (see :func:`report_figure`) into ``path`` (.png, .pdf, .svg)."""
+    """Draw ``report``'s per-layer figures (see :func:`report_figure`) into ``path`` (.png, .pdf, .svg).
+
+    Written atomically (parent folders created): an interrupted run leaves no half-written image.
+    """
     fig = report_figure(report)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fmt = Path(path).suffix[1:].lower() or require_matplotlib().rcParams["savefig.format"]
+    with atomic_path(path) as tmp:  # a temporary sibling, renamed into place when complete
+        fig.savefig(tmp, dpi=110, format=fmt)
     log.info("per-layer plot written to %s", path)
     return path
 

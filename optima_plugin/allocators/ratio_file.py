@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_path, atomic_write_text
 from .base import AllocationContext, linears_by_block
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,17 @@ def check_suffix(path: str, flag: str) -> None:
 
 
 def save_layer_ratios(path: str, ratios: dict, *, allocation: str, target: float) -> None:
-    """Write ``{linear full name: ratio}`` (in block order) to ``path`` (.json or .npy)."""
+    """Write ``{linear full name: ratio}`` (in block order) to ``path`` (.json or .npy), atomically.
+
+    Parent folders are created.
+    """
     check_suffix(path, "--save_layer_ratio")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npy":
-        np.save(out, np.asarray(list(ratios.values()), dtype=np.float64))
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:  # a handle: np.save adds no second .npy
+            np.save(f, np.asarray(list(ratios.values()), dtype=np.float64))
     else:
-        out.write_text(json.dumps({"allocation": allocation, "target": target, "ratios": ratios}, indent=1))
+        atomic_write_text(out, json.dumps({"allocation": allocation, "target": target, "ratios": ratios}, indent=1))
     log.info("layer ratios written to %s", out)
 
 
