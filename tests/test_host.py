@@ -361,6 +361,17 @@ def test_split_argv_removes_plugin_flags_anywhere():
     ([__file__, "--mask_selector", "nope"], "unknown --mask_selector 'nope'"),
     ([__file__, "--solver", "nope"], "known solvers"),
     ([__file__, "--host_data", "/does/not/exist"], "--host_data /does/not/exist: neither 'pydoc' nor"),
+    ([__file__, "--host_data", __file__], "expected a text file (.txt, .json, .jsonl), got .py"),
+    ([__file__, "--tol", "0"], "--tol must be a finite number > 0, got 0.0"),
+    ([__file__, "--tol=-1e-3"], "--tol must be a finite number > 0"),
+    ([__file__, "--tol", "nan"], "--tol must be a finite number > 0, got nan"),
+    ([__file__, "--tol", "inf"], "--tol must be a finite number > 0, got inf"),
+    ([__file__, "--max_iter", "0"], "--max_iter must be at least 1, got 0"),
+    ([__file__, "--damp", "nan"], "--damp must be a finite number ≥ 0, got nan"),
+    ([__file__, "--damp", "inf"], "--damp must be a finite number ≥ 0, got inf"),
+    ([__file__, "--damp=-0.1"], "--damp must be a finite number ≥ 0"),
+    ([__file__, "--optima_report", str(Path(__file__).parent)], "--optima_report"),  # a folder
+    ([__file__, "--optima_report", __file__ + "/r.json"], "--optima_report"),  # under a file
 ])
 def test_launcher_bad_input_one_line(argv, match, capsys):
     assert host_main(argv) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..files import check_output_file
 from ..models import get_adapter
 from ..plugins import get_plugin_manager, registry
 from ..updaters import UpdateOptions
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: ``--weight_update`` values that leave the host's own weights (its mask only, or SparseGPT's update).
 HOST_WEIGHTS = ("none", "native")
+#: File suffixes ``--host_data PATH`` reads text from (see :func:`optima_plugin.data._local_texts`).
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 
 _active: Optional["Installation"] = None
 
@@ -85,8 +89,8 @@ class HostOptions:
         unknown = sorted(set(self.no_shim) - set(SHIMS))
         if unknown:
             raise ValueError(f"unknown --no_shim {', '.join(unknown)}; known: {', '.join(SHIMS)}")
-        if self.host_data not in (None, "pydoc") and not Path(self.host_data).exists():
-            raise ValueError(f"--host_data {self.host_data}: neither 'pydoc' nor an existing file or folder")
+        if self.host_data not in (None, "pydoc"):
+            _check_host_data(Path(self.host_data))
         if self.host_dtype is not None and self.host_dtype not in DTYPES:
             raise ValueError(f"--host_dtype must be one of {', '.join(DTYPES)}, got {self.host_dtype!r}")
         for name in ("host_seqlen", "seqlen"):
@@ -95,8 +99,14 @@ class HostOptions:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
         if self.nsamples < 1:
             raise ValueError(f"--optima_nsamples must be at least 1, got {self.nsamples}")
-        if self.damp < 0:
-            raise ValueError(f"--damp must be ≥ 0, got {self.damp}")
+        if not math.isfinite(self.damp) or self.damp < 0:
+            raise ValueError(f"--damp must be a finite number ≥ 0, got {self.damp}")
+        if self.tol is not None and not (math.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"--tol must be a finite number > 0, got {self.tol}")
+        if self.max_iter is not None and self.max_iter < 1:
+            raise ValueError(f"--max_iter must be at least 1, got {self.max_iter}")
+        if self.report is not None:
+            check_output_file(self.report, "--optima_report")
         return self
 
     @property
@@ -108,6 +118,20 @@ class HostOptions:
     def active(self) -> bool:
         """Whether the seam has anything to do (an update or a replacement selector)."""
         return self.updates or self.mask_selector is not None
+
+
+def _check_host_data(path: Path) -> None:
+    """``ValueError`` unless ``path`` is a text file, or a folder holding one (suffixes only: cheap)."""
+    flag = f"--host_data {path}"
+    if not path.exists():
+        raise ValueError(f"{flag}: neither 'pydoc' nor an existing file or folder")
+    wanted = ", ".join(TEXT_SUFFIXES)
+    if path.is_dir():
+        if not any(p.is_file() and p.suffix in TEXT_SUFFIXES for p in path.rglob("*")):
+            raise ValueError(f"{flag}: the folder holds no text files ({wanted}); point it at a folder of text, "
+                             "or use 'pydoc'")
+    elif path.suffix not in TEXT_SUFFIXES:
+        raise ValueError(f"{flag}: expected a text file ({wanted}), got {path.suffix or 'no suffix'}")
 
 
 class Installation:
@@ -137,22 +161,40 @@ class Installation:
         if self.seam is not None:
             self.seam.attach(model)
 
-    def finish(self) -> dict:
-        """The seam's report (also written to ``--optima_report``); empty without a seam."""
-        return self.seam.finish() if self.seam is not None else {}
+    def finish(self, error: Optional[BaseException] = None) -> dict:
+        """The seam's report (also written to ``--optima_report``); empty without a seam.
+
+        ``error``: what ended the host early (its exception, or a ``SystemExit`` with a non-zero
+        code); the report then says ``"completed": false`` and names it.
+        """
+        return self.seam.finish(error) if self.seam is not None else {}
 
     def uninstall(self) -> None:
-        """Undo every patch and remove every hook (reverse order)."""
+        """Undo every patch and remove every hook (reverse order).
+
+        Every step is undone even if one fails; the first failure is raised afterwards.
+        """
         global _active
+        errors: list[BaseException] = []
+
+        def attempt(step: Callable[[], None]) -> None:
+            try:
+                step()
+            except Exception as err:  # keep undoing the rest
+                log.error("optima-host: undoing a patch failed: %s: %s", type(err).__name__, err)
+                errors.append(err)
+
         for h in self._handles:
-            h.remove()
+            attempt(h.remove)
         self._handles.clear()
         if self.seam is not None:
-            self.seam.detach()
+            attempt(self.seam.detach)
         while self._undo:
-            self._undo.pop()()
+            attempt(self._undo.pop())
         if _active is self:
             _active = None
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> "Installation":
         return self
@@ -172,19 +214,37 @@ def install(options: Optional[HostOptions] = None, **overrides) -> Installation:
     ``options`` (or :class:`HostOptions` fields as keywords) say what to do:
     register the plugin answering ``optima_mask_emitted``, put in the shims, route
     the hub datasets, and watch every model loaded with ``from_pretrained`` through
-    the seam. Only one installation is active at a time.
+    the seam. Only one installation is active at a time. Options are validated before
+    anything is patched; if a step fails, every step already done is undone (reverse
+    order) and the error is re-raised, leaving the process as it was.
     """
     global _active
     if _active is not None:
         raise RuntimeError("optima_plugin.host is already installed in this process; uninstall() it first")
     options = dataclasses.replace(options or HostOptions(), **overrides).validate()
     inst = Installation(options)
+    try:
+        _install_steps(inst)
+    except BaseException:
+        try:  # transactional: undo every step already done, then re-raise the failure
+            inst.uninstall()
+        except Exception:
+            log.exception("optima-host: could not undo every patch after a failed install")
+        raise
+    _active = inst
+    return inst
+
+
+def _install_steps(inst: Installation) -> None:
+    """Each step of :func:`install`; each change is recorded in ``inst`` (its undo) as soon as it is made."""
+    options = inst.options
     pm = get_plugin_manager()
     if options.updates:
         inst.plugin = OptimaMaskPlugin(options.weight_update, UpdateOptions(
             options.solver, options.damp, options.tol, options.max_iter, options.double_precision))
         pm.register(inst.plugin, name="optima-host")
-        inst._undo.append(lambda: pm.unregister(inst.plugin))
+        plugin = inst.plugin
+        inst._undo.append(lambda: pm.unregister(plugin))
     if options.active:
         inst.seam = HostSeam(SeamSettings(
             hessian_dtype=torch.float64 if options.double_precision else torch.float32,
@@ -209,8 +269,6 @@ def install(options: Optional[HostOptions] = None, **overrides) -> Installation:
         from .data import route_hub_datasets
 
         inst._undo.append(route_hub_datasets(options.host_data))
-    _active = inst
-    return inst
 
 
 def _flush_before_save(seam: HostSeam) -> Callable[[], None]:

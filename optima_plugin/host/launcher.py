@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .install import DTYPES, HostOptions, install
+from .install import DTYPES, HostOptions, Installation, install
 from .shims import SHIMS
 
 log = logging.getLogger("optima_plugin")
@@ -82,7 +82,11 @@ def host_options(ns: argparse.Namespace) -> HostOptions:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``optima-host`` console script: the host's exit code, 2 (and one line) for bad input."""
+    """The ``optima-host`` console script: the host's exit code, 2 (and one line) for bad input.
+
+    Bad input (flags, paths, ``--host_data`` without text) is reported before the host runs;
+    an exception of the host itself propagates unchanged.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
@@ -94,32 +98,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"host script {script} not found (run optima-host from inside the host's checkout)")
         options = host_options(ns)
     except ValueError as err:
-        print(f"optima-host: error: {err}", file=sys.stderr)
-        return 2
+        return _bad_input(err)
     with _plugin_logging(logging.WARNING if ns.optima_quiet else logging.INFO):
-        return run_script(path, host_args, options)
+        try:  # install() undoes its own steps when one fails
+            installation = install(options)
+        except (ValueError, OSError) as err:  # e.g. --host_data files without usable text
+            return _bad_input(err)
+        return run_installed(installation, path, host_args)
+
+
+def _bad_input(err: Exception) -> int:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"optima-host: error: {message}", file=sys.stderr)
+    return 2
 
 
 def run_script(path: Path, host_args: list[str], options: HostOptions) -> int:
     """Install the plugin, run ``path`` as ``__main__`` with ``host_args``, undo everything; the exit code."""
-    installation = install(options)
+    return run_installed(install(options), path, host_args)
+
+
+def run_installed(installation: Installation, path: Path, host_args: list[str]) -> int:
+    """Run ``path`` as ``__main__`` with ``host_args`` under ``installation``, then write the report
+    and uninstall; the host's exit code.
+
+    An exception of the host propagates unchanged (same object, same traceback); the report then
+    says ``"completed": false``. A failure while writing the report or uninstalling is logged and
+    does not hide it.
+    """
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(path)] + host_args
     sys.path.insert(0, str(path.resolve().parent))
     code = 0
+    error: Optional[BaseException] = None
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         if not isinstance(exit_.code, (int, type(None))):
             print(exit_.code, file=sys.stderr)
+        if code != 0:
+            error = exit_
+    except BaseException as err:
+        error = err
+        raise
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
+        _finish(installation, error)
+    return code
+
+
+def _finish(installation: Installation, error: Optional[BaseException]) -> None:
+    """Write the report and uninstall; with a host ``error``, failures here are logged, not raised."""
+    try:
         try:
-            installation.finish()
+            installation.finish(error)
         finally:
             installation.uninstall()
-    return code
+    except Exception as err:
+        if error is None:
+            raise
+        log.error("optima-host: after the host failed, writing the report or uninstalling failed too: %s: %s",
+                  type(err).__name__, err)
 
 
 @contextlib.contextmanager

@@ -33,11 +33,9 @@ pruned weights. The results are reported like the engine's
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -46,6 +44,7 @@ from torch import Tensor, nn
 from ..capture import capture_block_inputs, run_block
 from ..data import get_calibration
 from ..engine import LayerResult, blocks_path, resolve_device
+from ..files import write_json
 from ..hessian import HessianAccumulator, attach
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
 from ..plugins import get_plugin_manager, lookup
@@ -131,6 +130,8 @@ class HostSeam:
         self.layers: list[dict] = []
         self.own_passes: list[dict] = []
         self._current: Optional[int] = None
+        #: the block of the host's loop running now (None outside it: loading, a whole-model forward)
+        self.in_block: Optional[int] = None
         self._busy = False
         self._handles: list = []
         self._tokens: Optional[Tensor] = None
@@ -176,7 +177,7 @@ class HostSeam:
         self._handles.clear()
         self.blocks.clear()
         self.model = self.adapter = None
-        self._current = None
+        self._current = self.in_block = None
 
     def find(self, module: nn.Module) -> Optional[tuple[BlockState, LinearState]]:
         """The block and linear state of a watched linear ``module``, or None."""
@@ -205,6 +206,7 @@ class HostSeam:
         """A block forward: handle the masks applied since the block last ran, then collect."""
         if self._busy or not self.calls.standalone or not self.blocks:
             return
+        self.in_block = index
         self._busy = True
         try:
             if self._current is not None and self._current != index:
@@ -222,6 +224,7 @@ class HostSeam:
         """A whole-model forward starts: no mask may stay unhandled while the model runs."""
         if self._busy or not self.blocks:
             return
+        self.in_block = None
         self._busy = True
         try:
             self._flush()
@@ -411,16 +414,26 @@ class HostSeam:
 
     # -- the end ---------------------------------------------------------------
 
-    def finish(self) -> dict:
-        """Warn about masks never handled, write and return the report."""
+    def finish(self, error: Optional[BaseException] = None) -> dict:
+        """Warn about masks never handled, write and return the report.
+
+        ``error``: what ended the host early (None: it completed); the report then says
+        ``"completed": false``, the error and the block the host was pruning (``failed_block``).
+        """
         left = [ls.name for st in self.blocks for ls in self._changed(st)]
-        if left:
+        if error is not None:
+            log.error("optima-host: the host stopped early (%s); the report lists the %d linear(s) updated "
+                      "before that", _describe(error), len(self.layers))
+        elif left:
             log.warning("optima-host: %d linear(s) were pruned after the host's last forward and were not "
                         "updated (e.g. %s); the host saved or evaluated nothing after pruning them",
                         len(left), left[0])
         er = [x["error_ratio"] for x in self.layers if x["error_ratio"] is not None]
         host = [x["host_objective"] / x["mask_objective"] for x in self.layers if x["mask_objective"]]
         report = {
+            "completed": error is None,
+            "error": None if error is None else _describe(error),
+            "failed_block": None if error is None else self.in_block,
             "layers": self.layers,
             "own_passes": self.own_passes,
             "summary": {
@@ -435,5 +448,11 @@ class HostSeam:
                      len(self.layers), report["summary"]["mean_error_ratio"] or float("nan"),
                      report["summary"]["mean_host_error_ratio"] or float("nan"))
         if self.settings.report:
-            Path(self.settings.report).write_text(json.dumps(report, indent=1))
+            write_json(self.settings.report, report)
         return report
+
+
+def _describe(error: BaseException) -> str:
+    """``"<ExceptionType>: <message>"`` (``SystemExit``: its code)."""
+    message = error.code if isinstance(error, SystemExit) else error
+    return f"{type(error).__name__}: {message}"
