@@ -210,7 +210,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         )
         if resume and start < num_blocks:
             inputs = checkpoint.inputs(start).to(device=storage, dtype=inputs.dtype)
-        check_finite(inputs, "the inputs of the first pruned block (the embedding outputs)")
+        check_finite(inputs, "the inputs of block 0 (the embedding outputs)" if start == 0
+                     else f"the checkpoint's inputs of block {start}")
         t_capture = time.perf_counter() - t_start - t_alloc
         hdtype = torch.float64 if config.double_precision else torch.float32
         options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision)
