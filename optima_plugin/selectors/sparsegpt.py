@@ -7,19 +7,28 @@ prunes its remaining quota in proportion to the columns left, so that row ``i``
 ends with exactly ``floor(ratio_i · d)`` pruned weights). N:M: every ``M``
 columns the ``N`` smallest of each group. Each pruned weight's error is spread over the later columns with the
 upper Cholesky factor of ``Hd⁻¹``; the loop over columns is sequential, every
-step vectorised over rows.
+step vectorised over rows. A damped Hessian that Cholesky rejects escalates
+damping (:func:`~optima_plugin.solvers.problem.escalate_damp`) with a warning.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..solvers.problem import damp_hessian, inverse_spd
+from ..solvers.problem import damp_hessian, escalate_damp, obs_factor
 from ..sparsity import Pattern, block_quota, count_mask, row_counts
 from .base import Ratio, Selection, check_ratio
 
 BLOCKSIZE = 128
 DAMP = 0.01
+
+
+def _hinv(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``d x d`` upper Cholesky factor of ``(H + λI)⁻¹`` (``hessian`` float32 ``d x d``),
+    with damping escalated while Cholesky fails."""
+    hinv, _ = escalate_damp(lambda dmp, _last: obs_factor(damp_hessian(hessian, dmp)), damp,
+                            what="sparsegpt selector")
+    return hinv
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, pattern: Pattern,
@@ -29,7 +38,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
     h = hessian.to(device=w.device, dtype=torch.float32)
     dead = h.diagonal() == 0
     w[:, dead] = 0
-    hinv = torch.linalg.cholesky(inverse_spd(damp_hessian(h, damp)), upper=True)
+    hinv = _hinv(h, damp)
     r, d = w.shape
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
     per_row = row_counts(ratio, r, d, w.device) if torch.is_tensor(ratio) and not pattern.structured else None
@@ -77,7 +86,7 @@ class SparseGPTSelector:
         w = weight.detach().float().clone()
         h = hessian.to(device=w.device, dtype=torch.float32)
         w[:, h.diagonal() == 0] = 0
-        u = torch.linalg.cholesky(inverse_spd(damp_hessian(h, DAMP)), upper=True)
+        u = _hinv(h, DAMP)
         return w**2 / u.diagonal().unsqueeze(0) ** 2
 
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:

@@ -13,14 +13,16 @@ update on the columns not yet processed:
 ``|P|``). This differs from SparseGPT, which removes one column at a time and
 compensates only later columns with a fixed inverse. Simplification against the
 original code: the mask inside a block uses the Wanda metric on the current
-(updated) weights rather than Thanos' global-residual selection.
+(updated) weights rather than Thanos' global-residual selection. A damped
+Hessian (or block) that Cholesky rejects re-runs the layer with escalated
+damping (:func:`~optima_plugin.solvers.problem.escalate_damp`), with a warning.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..solvers.problem import damp_hessian, inverse_spd
+from ..solvers.problem import cholesky_checked, damp_hessian, escalate_damp, inverse_spd
 from ..sparsity import Pattern, block_quota, count_mask, nm_mask, row_counts
 from .base import Ratio, Selection, check_ratio
 
@@ -44,7 +46,8 @@ def _obs_remove(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor) -> to
     eye = torch.eye(kmax, dtype=w.dtype, device=w.device).expand_as(sub)
     sub = torch.where(valid.unsqueeze(2) & valid.unsqueeze(1), sub, eye)
     rhs = torch.gather(w, 1, idx).masked_fill(~valid, 0.0).unsqueeze(2)
-    z = torch.cholesky_solve(rhs, torch.linalg.cholesky(sub)).squeeze(2).masked_fill(~valid, 0.0)
+    chol = cholesky_checked(sub, "a block's pruned submatrix of the inverse")
+    z = torch.cholesky_solve(rhs, chol).squeeze(2).masked_fill(~valid, 0.0)
     # Δ = -Σ_p z_p Hinv[p, :]  →  gather the needed rows of Hinv per row of w
     delta = torch.bmm(z.unsqueeze(1), hinv[idx]).squeeze(1)
     return w - delta
@@ -52,9 +55,20 @@ def _obs_remove(w: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor) -> to
 
 def thanos_prune(weight, hessian, ratio: Ratio, pattern: Pattern, blocksize: int = BLOCKSIZE,
                  damp: float = DAMP) -> Selection:
-    """Return Thanos-style mask and updated weights (float32, ``r x d``)."""
+    """Return Thanos-style mask and updated weights (float32, ``r x d``).
+
+    The whole layer is re-run with escalated damping if a Cholesky factorisation fails.
+    """
+    h = hessian.to(device=weight.device, dtype=torch.float32)
+    selection, _ = escalate_damp(
+        lambda dmp, _last: _thanos_blocks(weight, damp_hessian(h, dmp), ratio, pattern, blocksize),
+        damp, what="thanos selector")
+    return selection
+
+
+def _thanos_blocks(weight, hd: torch.Tensor, ratio: Ratio, pattern: Pattern, blocksize: int) -> Selection:
+    """:func:`thanos_prune` for a given damped Hessian ``hd`` (float32 ``d x d``)."""
     w = weight.detach().float().clone()
-    hd = damp_hessian(hessian.to(device=w.device, dtype=torch.float32), damp)
     r, d = w.shape
     norms = hd.diagonal().sqrt()
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)

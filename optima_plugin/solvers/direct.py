@@ -9,7 +9,8 @@ Two equivalent exact forms, chosen per call by which set is smaller:
 
 Rows are padded to the largest set in their chunk with identity, so one batched
 ``cholesky`` / ``cholesky_solve`` handles a chunk of rows; chunks are sized to
-a memory budget.
+a memory budget. A submatrix that Cholesky rejects raises ``LinAlgError``, and
+:func:`~optima_plugin.solvers.reconstruct.reconstruct` re-solves with more damping.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import SolverOutput, register_solver
-from .problem import Problem, inverse_spd
+from .problem import Problem, cholesky_checked
 
 #: Bytes the padded ``rows x k x k`` systems of one chunk may take.
 MEMORY_BUDGET_BYTES = 512 * 2**20
@@ -60,9 +61,7 @@ def _batched_principal_solve(matrix: Tensor, members: Tensor, rhs: Tensor) -> Te
         eye = torch.eye(kmax, dtype=matrix.dtype, device=matrix.device).expand_as(sub)
         sub = torch.where(pair, sub, eye)
         b = torch.gather(rhs[rows], 1, idx).masked_fill(~valid, 0.0).unsqueeze(2)
-        chol, info = torch.linalg.cholesky_ex(sub)
-        if bool((info != 0).any()):
-            raise torch.linalg.LinAlgError("kept submatrix is not positive definite; increase damp")
+        chol = cholesky_checked(sub, "a row's kept (or pruned) principal submatrix")
         x = torch.cholesky_solve(b, chol).squeeze(2).masked_fill(~valid, 0.0)
         block = torch.zeros(len(rows), d, dtype=rhs.dtype, device=rhs.device)
         block.scatter_(1, idx, x)
@@ -85,7 +84,7 @@ def solve_direct(
         x = _batched_principal_solve(hd, keep, p @ hd)
         new = problem.mask_only() + x
     else:
-        g = inverse_spd(hd)
+        g = problem.inverse()
         z = _batched_principal_solve(g, pruned, problem.weight)
         new = problem.weight - z @ g
     return SolverOutput(new.masked_fill(pruned, 0.0), 1, True)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .base import SolverOutput, register_solver
-from .problem import Problem, inverse_spd
+from .problem import Problem
 
 DEFAULT_TOL = 1e-5
 DEFAULT_MAX_ITER = 300
@@ -113,7 +113,7 @@ def solve_pcg(
     """Masked PCG on the pruned set; ``tol`` (default 1e-5) is a certified relative objective gap."""
     tol = DEFAULT_TOL if tol is None else tol
     max_iter = DEFAULT_MAX_ITER if max_iter is None else max_iter
-    inverse = inverse_spd(problem.damped)
+    inverse = problem.inverse()
     correction, it, conv = dual_pcg(
         inverse, problem.damped, problem.pruned, problem.weight, tol=tol, max_iter=max_iter
     )

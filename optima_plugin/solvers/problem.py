@@ -8,14 +8,32 @@ For a linear layer ``y = W x`` with ``W`` of shape ``r x d`` and a fixed mask
 with ``H`` the mean of ``x xᵀ`` over calibration tokens. Solvers work on the
 damped Hessian ``H + λI`` (``λ = damp · mean(diag H)``, dead inputs with
 ``H_jj = 0`` get ``H_jj = 1``); figures are reported with the undamped ``H``.
+
+A damped Hessian that Cholesky rejects (``damp = 0`` with fewer calibration
+tokens than inputs, say) is not an error: :func:`escalate_damp` retries with
+more damping (``× DAMP_GROWTH``, at least ``DAMP_FLOOR``) up to
+``DAMP_RETRIES`` times, logging each step, and reports the damp it used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Relative damp tried first when ``damp = 0`` (or a smaller one) fails: about float32's
+#: machine epsilon (1.2e-7) times ten, the smallest shift that reliably moves a float32
+#: Cholesky pivot off rounding noise; each further retry multiplies by ``DAMP_GROWTH``.
+DAMP_FLOOR = 1e-6
+DAMP_GROWTH = 10.0
+#: Escalations before giving up (0.01 ends at 100, 0 at 1e-3).
+DAMP_RETRIES = 4
 
 
 @dataclass(frozen=True)
@@ -27,12 +45,16 @@ class Problem:
         pruned: bool ``r x d``, True = pruned.
         hessian: ``d x d`` undamped Hessian (used for reported figures).
         damped: ``d x d`` damped Hessian the solvers minimise with.
+        damp: the relative damp ``damped`` was built with.
+        cache: factorisations of ``damped``, shared by every row subset of the problem.
     """
 
     weight: Tensor
     pruned: Tensor
     hessian: Tensor
     damped: Tensor
+    damp: float = 0.0
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def keep(self) -> Tensor:
@@ -49,6 +71,20 @@ class Problem:
     def pruned_part(self) -> Tensor:
         """``r x d`` ``w ∘ pruned``: what the mask removes from each row."""
         return self.weight.masked_fill(~self.pruned, 0.0)
+
+    def memo(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` once per problem (and its row subsets), e.g. a factor of ``damped``."""
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def inverse(self) -> Tensor:
+        """``d x d`` ``Hd⁻¹`` via Cholesky; raises ``LinAlgError`` if ``Hd`` is not positive definite."""
+        return self.memo("inverse", lambda: inverse_spd(self.damped))
+
+    def rows(self, index: slice) -> "Problem":
+        """The sub-problem of rows ``index``, sharing ``H``, ``Hd`` and their cached factors."""
+        return replace(self, weight=self.weight[index], pruned=self.pruned[index])
 
 
 def validate(weight: Tensor, pruned: Tensor, hessian: Tensor) -> None:
@@ -100,6 +136,41 @@ def damp_hessian(hessian: Tensor, damp: float) -> Tensor:
     return damped
 
 
+def escalated(damp: float) -> float:
+    """The next relative damp after ``damp`` failed: ``× DAMP_GROWTH``, at least ``DAMP_FLOOR``."""
+    return max(damp * DAMP_GROWTH, DAMP_FLOOR)
+
+
+def escalate_damp(attempt: Callable[[float, bool], T], damp: float, *, what: str) -> tuple[T, float]:
+    """Run ``attempt(damp, last)``, retrying with more damping while it raises ``LinAlgError``.
+
+    The one escalation mechanism of the package. Each retry uses ``escalated(damp)``
+    and logs a warning naming the old and new damp; ``last`` is True on the final
+    try (``DAMP_RETRIES`` escalations), whose failure raises ``LinAlgError``.
+
+    Returns:
+        ``(attempt's result, the relative damp it succeeded with)``.
+    """
+    current = damp
+    for retry in range(DAMP_RETRIES + 1):
+        last = retry == DAMP_RETRIES
+        try:
+            return attempt(current, last), current
+        except torch.linalg.LinAlgError as err:
+            if last:
+                raise torch.linalg.LinAlgError(
+                    f"{what}: still failing with damp={current:g} after {DAMP_RETRIES} escalations "
+                    f"from damp={damp:g} ({err}). A Hessian that needs more is usually not a valid "
+                    "mean of x xᵀ: check the calibration activations (overflow in half precision, a "
+                    "broken accumulation), or pass a larger --damp explicitly."
+                ) from err
+            new = escalated(current)
+            log.warning("%s: %s; escalating damp %g -> %g (retry %d of %d)",
+                        what, err, current, new, retry + 1, DAMP_RETRIES)
+            current = new
+    raise AssertionError("unreachable")
+
+
 def prepare(
     weight: Tensor, pruned: Tensor, hessian: Tensor, *, damp: float, double_precision: bool
 ) -> Problem:
@@ -110,17 +181,31 @@ def prepare(
     h = hessian.detach().to(device=w.device, dtype=dtype)
     h = 0.5 * (h + h.T)  # tolerate accumulation asymmetry
     m = pruned.to(w.device)
-    return Problem(weight=w, pruned=m, hessian=h, damped=damp_hessian(h, damp))
+    return Problem(weight=w, pruned=m, hessian=h, damped=damp_hessian(h, damp), damp=damp)
+
+
+def cholesky_checked(matrix: Tensor, what: str = "damped Hessian", *, upper: bool = False) -> Tensor:
+    """Cholesky factor of ``matrix`` (``... x k x k``, batched allowed), lower unless ``upper``.
+
+    Raises ``torch.linalg.LinAlgError`` naming ``what`` when any matrix is not
+    positive definite (callers escalate damping through :func:`escalate_damp`).
+    """
+    chol, info = torch.linalg.cholesky_ex(matrix, upper=upper)
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError(
+            f"{what} is not positive definite (Cholesky failed at pivot {int(info.max())})"
+        )
+    return chol
 
 
 def inverse_spd(matrix: Tensor) -> Tensor:
     """Inverse of a symmetric positive definite ``d x d`` matrix via Cholesky."""
-    chol, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) != 0:
-        raise torch.linalg.LinAlgError(
-            "damped Hessian is not positive definite; increase damp"
-        )
-    return torch.cholesky_inverse(chol)
+    return torch.cholesky_inverse(cholesky_checked(matrix))
+
+
+def obs_factor(damped: Tensor) -> Tensor:
+    """``d x d`` upper Cholesky factor ``U`` of ``Hd⁻¹ = Uᵀ U`` (SparseGPT's ``Hinv``)."""
+    return cholesky_checked(inverse_spd(damped), "inverse of the damped Hessian", upper=True)
 
 
 def objective_per_row(hessian: Tensor, delta: Tensor) -> Tensor:

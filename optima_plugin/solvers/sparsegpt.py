@@ -13,21 +13,20 @@ from typing import Optional
 import torch
 
 from .base import SolverOutput, register_solver
-from .problem import Problem, inverse_spd
+from .problem import Problem, obs_factor
 
 BLOCKSIZE = 128
 
 
-def sparsegpt_update(weight: torch.Tensor, pruned: torch.Tensor, damped: torch.Tensor,
+def sparsegpt_update(weight: torch.Tensor, pruned: torch.Tensor, hinv: torch.Tensor,
                      blocksize: int = BLOCKSIZE) -> torch.Tensor:
     """Return ``weight`` (``r x d``) updated by sequential OBS for ``pruned`` (bool ``r x d``).
 
-    ``damped`` is the ``d x d`` damped Hessian. Pruned entries of the result are 0.
+    ``hinv`` is the ``d x d`` upper Cholesky factor of ``Hd⁻¹`` (:func:`obs_factor`).
+    Pruned entries of the result are 0.
     """
     w = weight.clone()
     d = w.shape[1]
-    hinv = inverse_spd(damped)
-    hinv = torch.linalg.cholesky(hinv, upper=True)
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
         w1 = w[:, i1:i2].clone()
@@ -50,5 +49,6 @@ def solve_sparsegpt(
     problem: Problem, *, tol: Optional[float] = None, max_iter: Optional[int] = None
 ) -> SolverOutput:
     """SparseGPT's update on the problem's mask (``tol``/``max_iter`` ignored)."""
-    new = sparsegpt_update(problem.weight, problem.pruned, problem.damped)
+    hinv = problem.memo("obs_factor", lambda: obs_factor(problem.damped))
+    new = sparsegpt_update(problem.weight, problem.pruned, hinv)
     return SolverOutput(new, problem.weight.shape[1], True)

@@ -65,7 +65,9 @@ class OptimaUpdate:
         res = reconstruct(weight, selection.pruned, hessian, solver=options.solver, damp=options.damp,
                           tol=options.tol, max_iter=options.max_iter,
                           double_precision=options.double_precision)
-        stats = {k: res.stats()[k] for k in ("solver", "iterations", "converged", "kkt_residual", "seconds")}
+        keys = ("solver", "iterations", "converged", "kkt_residual", "seconds", "damp", "fallback",
+                "mask_only_rows", "row_chunk")
+        stats = {k: res.stats()[k] for k in keys}
         return Update(res.weight, stats)
 
 
