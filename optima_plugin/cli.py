@@ -6,6 +6,7 @@ import argparse
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -172,6 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # The solvers' RuntimeWarnings are logged too (one line each): do not print them twice.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"optima_plugin\.")
     if args.quiet:
         import transformers
 
