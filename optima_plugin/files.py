@@ -204,7 +204,8 @@ def remove_saved_directory(directory: str | os.PathLike) -> list[str]:
 
 
 def check_save_target(directory: str, *, overwrite: bool, protected: Sequence[str] = ()) -> None:
-    """``ValueError`` (naming ``--save_model``) unless a model can be saved into ``directory``.
+    """``ValueError`` (``FileExistsError`` for a non-empty folder without ``overwrite``), naming ``--save_model``,
+    unless a model can be saved into ``directory``.
 
     Call it before any work. Refused: the current directory, home, the filesystem
     root, a path in ``protected`` (the ``--model`` directory) or a parent of any of
@@ -238,7 +239,7 @@ def check_save_target(directory: str, *, overwrite: bool, protected: Sequence[st
             raise ValueError(f"{flag} is a mount point and cannot be replaced; {other}")
         if any(target.iterdir()):
             if not overwrite:
-                raise ValueError(f"{flag} exists and is not empty; pass --overwrite to replace it")
+                raise FileExistsError(f"{flag} exists and is not empty; pass --overwrite to replace it")
             if read_save_marker(target) is None:
                 raise ValueError(f"{flag}: --overwrite only replaces a folder optima-prune saved (it holds "
                                  f"{SAVE_MARKER}); remove it yourself or choose another")

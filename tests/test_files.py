@@ -129,7 +129,7 @@ def test_refuses_the_filesystem_root_and_a_file(tmp_path):
 def test_non_empty_without_overwrite_says_what_to_do(lm, tmp_path):
     out = tmp_path / "out"
     save_model(*lm, str(out))
-    with pytest.raises(ValueError, match="pass --overwrite to replace it"):
+    with pytest.raises(FileExistsError, match="pass --overwrite to replace it"):
         check_save_target(str(out), overwrite=False)
 
 
