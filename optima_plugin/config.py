@@ -126,7 +126,7 @@ class PruneConfig:
         if self.load_layer_ratio and not Path(self.load_layer_ratio).is_file():
             raise ValueError(f"--load_layer_ratio {self.load_layer_ratio}: no such file")
         if self.tasks_dir and not Path(self.tasks_dir).is_dir():
-            raise ValueError(f"--tasks_dir {self.tasks_dir}: no such folder")
+            raise ValueError(f"--tasks_dir {self.tasks_dir}: no such directory")
         for flag in ("report", "plot", "save_layer_ratio"):
             if getattr(self, flag):
                 check_output_file(getattr(self, flag), f"--{flag}")

@@ -74,7 +74,7 @@ def _with_plugin(plugin, fn):
         (["--plot", "/proc/p.png"], "--plot /proc/p.png"),
         (["--save_model", "/proc/x"], "--save_model"),
         (["--load_layer_ratio", "missing.npy"], "--load_layer_ratio missing.npy: no such file"),
-        (["--tasks_dir", "no/such/dir"], "--tasks_dir no/such/dir: no such folder"),
+        (["--tasks_dir", "no/such/dir"], "--tasks_dir no/such/dir: no such directory"),
         (["--save_model", "."], "--save_model"),
     ],
 )
