@@ -121,6 +121,28 @@ def _hooks_removed(handles: list) -> Iterator[None]:
             h.remove()
 
 
+#: loggers whose lines about one layer (damping escalated, not converged, ...) do not know its name
+_SOLVER_LOGGERS = ("optima_plugin.solvers.reconstruct", "optima_plugin.solvers.problem")
+
+
+@contextmanager
+def _named_solver_logs(name: str) -> Iterator[None]:
+    """While a layer is pruned, the solvers' log lines start with its name."""
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.msg = f"{name}: {record.msg}"
+        return True
+
+    loggers = [logging.getLogger(n) for n in _SOLVER_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(tag)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(tag)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's random generators (all devices)."""
     random.seed(seed)
@@ -235,8 +257,9 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                         group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
                         hessians = _block_hessians(block, group, groups, inputs, block_kwargs[i], config, device,
                                                    hdtype, i, names, oom_backoff)
-                    result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                           selector, updater, options, row_allocator, config)
+                    with _named_solver_logs(names[rel]):
+                        result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
+                                               selector, updater, options, row_allocator, config)
                     pm.hook.optima_layer_done(result=result)
                 del hessians
                 _propagate(block, inputs, block_kwargs[i], config.batch_size, device, i, oom_backoff)

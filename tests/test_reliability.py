@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import random
 import signal
@@ -179,6 +180,13 @@ def test_nonconverged_layers_are_counted_and_shown(tokenizer, capsys):
                                                      if not x["update"]["converged"])
     cli.print_summary(report)
     assert f"{summary['nonconverged']} of {summary['layers']} layers did not converge" in capsys.readouterr().out
+
+
+def test_solver_log_lines_name_the_layer(tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="optima_plugin"):
+        prune(tiny_model("llama"), tokenizer, solver="pcg", max_iter=1, tol=1e-9, **FAST)
+    lines = [r.getMessage() for r in caplog.records if "did not converge" in r.getMessage()]
+    assert lines and all(line.startswith("model.layers.") for line in lines), lines[:2]
 
 
 def test_report_is_standard_json(tmp_path, tokenizer):
