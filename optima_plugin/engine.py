@@ -57,6 +57,7 @@ class LayerResult:
     seconds: float
     update: dict = field(default_factory=dict)
     rows: Optional[dict] = None  # per-row ratio summary (min/max/mean/std) and row allocator stats
+    selection: dict = field(default_factory=dict)  # the selector's figures (SparseGPT/Thanos: damp used)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -278,7 +279,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         report = {
             "completed": True,
             "sparsity": _sparsity(linears.values()),
-            "summary": summarize(observers[1].layers, config.damp),
+            "summary": summarize(observers[1].layers),
             "options": config.to_dict(),
             "device": str(device),
             "offload": offload,
@@ -324,11 +325,13 @@ def _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, t
     return resolve_layer_ratios(allocator, context)
 
 
-def summarize(layers: list, damp: float) -> dict:
-    """Counts over the report's layers: solver non-convergence, rejected updates, damping raised above ``damp``."""
+def summarize(layers: list) -> dict:
+    """Counts over the report's layers: solver non-convergence, rejected updates, damping escalated
+    (by the update's solver or by the selector's own factorisation)."""
     nonconverged = [x["name"] for x in layers if x.get("update", {}).get("converged") is False]
     rejected = [x["name"] for x in layers if not x.get("accepted", True)]
-    damped = [x["name"] for x in layers if x.get("update", {}).get("damp", damp) > damp]
+    damped = [x["name"] for x in layers
+              if x.get("update", {}).get("damp_escalated") or x.get("selection", {}).get("damp_escalated")]
     ratios = [x["error_ratio"] for x in layers if x.get("error_ratio") is not None]
     return {"layers": len(layers), "nonconverged": len(nonconverged), "nonconverged_layers": nonconverged,
             "rejected_updates": len(rejected), "rejected_layers": rejected,
@@ -412,7 +415,7 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         ratio=float(ratio) if not torch.is_tensor(ratio) else float(ratio.double().mean()),
         sparsity=float((lin.weight == 0).float().mean()), error_ratio=error_ratio,
         objective=objective, mask_objective=mask_objective, accepted=accepted,
-        seconds=time.perf_counter() - t0, update=upd.stats, rows=rows,
+        seconds=time.perf_counter() - t0, update=upd.stats, rows=rows, selection=selection.stats,
     )
 
 

@@ -189,6 +189,53 @@ def test_solver_log_lines_name_the_layer(tokenizer, caplog):
     assert lines and all(line.startswith("model.layers.") for line in lines), lines[:2]
 
 
+def test_escalated_damping_of_the_update_is_in_the_report(tokenizer):
+    """2 x 32 tokens < down_proj's 128 inputs: its Hessian is singular and damp 0 fails Cholesky."""
+    report = prune(tiny_model("llama"), tokenizer, **dict(FAST, nsamples=2, damp=0.0))
+    escalated = [x["name"] for x in report["layers"] if x["update"]["damp_escalated"]]
+    assert escalated and all(x["update"]["damp"] > 0 for x in report["layers"] if x["name"] in escalated)
+    assert {x["name"] for x in report["layers"] if x["name"].endswith("down_proj")} <= set(escalated)
+    assert report["summary"]["damp_escalated_layers"] == escalated
+
+
+@pytest.mark.parametrize("prune_fn", ["sparsegpt_prune", "thanos_prune"])
+def test_selectors_report_the_damping_they_used(prune_fn):
+    from optima_plugin.selectors import sparsegpt, thanos
+    from optima_plugin.sparsity import Pattern
+
+    fn = getattr(sparsegpt, prune_fn, None) or getattr(thanos, prune_fn)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))  # 16 tokens, 32 inputs: rank 16
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    selection = fn(weight, x.T @ x / 16, 0.5, Pattern(), damp=0.0)
+    assert selection.stats["damp_escalated"] and selection.stats["damp"] > 0
+    assert fn(weight, x.T @ x / 16, 0.5, Pattern(), damp=0.01).stats == {"damp": 0.01, "damp_escalated": False}
+
+
+class _EscalatingSelector:
+    """Magnitude masks, reporting an escalated damping for the layers of block 1."""
+
+    name = "escalating_for_test"
+    needs_hessian = False
+
+    def select(self, weight, hessian, ratio, pattern):
+        pruned = weight.abs() < weight.abs().median(dim=1, keepdim=True).values
+        return Selection(pruned, stats={"damp": 0.1, "damp_escalated": weight.shape[1] == 128})
+
+
+class _EscalatingPlugin:
+    @hookimpl
+    def optima_selectors(self):
+        return [_EscalatingSelector()]
+
+
+def test_escalated_damping_of_the_selector_is_in_the_report(tokenizer):
+    report = _with_plugin(_EscalatingPlugin(), lambda: prune(
+        tiny_model("llama"), tokenizer, prune_method="escalating_for_test", weight_update="none", **FAST))
+    assert report["summary"]["damp_escalated_layers"] == [x["name"] for x in report["layers"]
+                                                          if x["name"].endswith("down_proj")]
+    assert all(x["selection"]["damp"] == 0.1 for x in report["layers"])
+
+
 def test_report_is_standard_json(tmp_path, tokenizer):
     path = tmp_path / "deep" / "report.json"
     prune(tiny_model("llama"), tokenizer, weight_update="none", report=str(path), **FAST)

@@ -3,7 +3,7 @@ calibration statistics into a pruning mask (and optionally its own update)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Protocol, Union
 
 import torch
@@ -24,10 +24,13 @@ class Selection:
         weight: the selector's own updated ``r x d`` weights (pruned entries 0)
             for selectors with a native update (SparseGPT, Thanos); None for
             mask-only selectors (magnitude, Wanda).
+        stats: JSON-ready figures for the report, e.g. ``damp`` (the relative damping
+            the selector finally used) and ``damp_escalated`` for SparseGPT and Thanos.
     """
 
     pruned: Tensor
     weight: Optional[Tensor] = None
+    stats: dict = field(default_factory=dict)
 
 
 class MaskSelector(Protocol):

@@ -23,12 +23,11 @@ BLOCKSIZE = 128
 DAMP = 0.01
 
 
-def _hinv(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """``d x d`` upper Cholesky factor of ``(H + λI)⁻¹`` (``hessian`` float32 ``d x d``),
-    with damping escalated while Cholesky fails."""
-    hinv, _ = escalate_damp(lambda dmp, _last: obs_factor(damp_hessian(hessian, dmp)), damp,
-                            what="sparsegpt selector")
-    return hinv
+def _hinv(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """``(d x d upper Cholesky factor of (H + λI)⁻¹, the relative damp used)`` for ``hessian``
+    (float32 ``d x d``), with damping escalated while Cholesky fails."""
+    return escalate_damp(lambda dmp, _last: obs_factor(damp_hessian(hessian, dmp)), damp,
+                         what="sparsegpt selector")
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, pattern: Pattern,
@@ -38,7 +37,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
     h = hessian.to(device=w.device, dtype=torch.float32)
     dead = h.diagonal() == 0
     w[:, dead] = 0
-    hinv = _hinv(h, damp)
+    hinv, used = _hinv(h, damp)
     r, d = w.shape
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
     per_row = row_counts(ratio, r, d, w.device) if torch.is_tensor(ratio) and not pattern.structured else None
@@ -73,7 +72,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
         w[:, i1:i2] = w1
         pruned[:, i1:i2] = m1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return Selection(pruned, w.masked_fill_(pruned, 0.0))
+    return Selection(pruned, w.masked_fill_(pruned, 0.0), {"damp": used, "damp_escalated": used != damp})
 
 
 class SparseGPTSelector:
@@ -86,7 +85,7 @@ class SparseGPTSelector:
         w = weight.detach().float().clone()
         h = hessian.to(device=w.device, dtype=torch.float32)
         w[:, h.diagonal() == 0] = 0
-        u = _hinv(h, DAMP)
+        u, _ = _hinv(h, DAMP)
         return w**2 / u.diagonal().unsqueeze(0) ** 2
 
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:

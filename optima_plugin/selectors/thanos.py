@@ -60,9 +60,10 @@ def thanos_prune(weight, hessian, ratio: Ratio, pattern: Pattern, blocksize: int
     The whole layer is re-run with escalated damping if a Cholesky factorisation fails.
     """
     h = hessian.to(device=weight.device, dtype=torch.float32)
-    selection, _ = escalate_damp(
+    selection, used = escalate_damp(
         lambda dmp, _last: _thanos_blocks(weight, damp_hessian(h, dmp), ratio, pattern, blocksize),
         damp, what="thanos selector")
+    selection.stats.update(damp=used, damp_escalated=used != damp)
     return selection
 
 

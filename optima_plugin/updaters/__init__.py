@@ -68,6 +68,7 @@ class OptimaUpdate:
         keys = ("solver", "iterations", "converged", "kkt_residual", "seconds", "damp", "fallback",
                 "mask_only_rows", "row_chunk")
         stats = {k: res.stats()[k] for k in keys}
+        stats["damp_escalated"] = res.damp != options.damp
         return Update(res.weight, stats)
 
 
