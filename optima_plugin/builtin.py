@@ -1,28 +1,38 @@
-"""The built-in plugin: contributes the built-in selectors, allocators and updaters."""
+"""The built-in plugin: contributes the built-in selectors, allocators, updaters and their options.
+
+Its hooks are ``tryfirst``: pluggy calls them before any third party's, so the built-ins
+come first in every registry (the first object of a name wins) and declare their options first.
+"""
 
 from __future__ import annotations
 
-from .allocators import BUILTIN_ALLOCATORS, BUILTIN_ROW_ALLOCATORS
+from .allocators import BUILTIN_ALLOCATORS, BUILTIN_ROW_ALLOCATORS, alphapruning, owl, trim
 from .hookspecs import hookimpl
+from .options import OptionParser
 from .selectors import BUILTIN_SELECTORS
 from .updaters import BUILTIN_UPDATERS
 
 
 class BuiltinRegistry:
-    @hookimpl
-    def optima_selectors(self):
+    @hookimpl(tryfirst=True)
+    def optima_addoption(self, parser: OptionParser) -> None:
+        for declare in (owl.addoption, alphapruning.addoption, trim.addoption):
+            declare(parser)
+
+    @hookimpl(tryfirst=True)
+    def optima_selectors(self) -> list:
         return list(BUILTIN_SELECTORS)
 
-    @hookimpl
-    def optima_allocators(self):
+    @hookimpl(tryfirst=True)
+    def optima_allocators(self) -> list:
         return list(BUILTIN_ALLOCATORS)
 
-    @hookimpl
-    def optima_row_allocators(self):
+    @hookimpl(tryfirst=True)
+    def optima_row_allocators(self) -> list:
         return list(BUILTIN_ROW_ALLOCATORS)
 
-    @hookimpl
-    def optima_updaters(self):
+    @hookimpl(tryfirst=True)
+    def optima_updaters(self) -> list:
         return list(BUILTIN_UPDATERS)
 
 

@@ -15,12 +15,17 @@ import torch
 from .checkpoint import RunInterrupted
 from .config import PruneConfig
 from .evaluation.zero_shot import DEFAULT_TASKS
-from .plugins import registry
+from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager, registry
 
 log = logging.getLogger("optima_plugin")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The core flags, then one group per plugin with the flags it declares (``optima_addoption``).
+
+    Plugins are those of the process-wide manager: :func:`main` applies ``--disable_plugin``
+    before calling this.
+    """
     d = PruneConfig()
     p = argparse.ArgumentParser(
         prog="optima-prune",
@@ -39,14 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allocation", default=d.allocation, help="sparsity allocation across layers: uniform, owl, alphapruning, "
       "or a plugin's (--prune_method wanda_owl / wanda_alpha / magnitude_owl / magnitude_alpha set both)")
     a("--use_trim", action="store_true", help="TRIM: per-row ratios around each layer's ratio (unstructured only)")
-    a("--Lamda", type=float, default=d.Lamda, help="OWL: block ratios span target ± 2·Lamda")
-    a("--Hyper_m", type=float, default=d.Hyper_m, help="OWL: outlier = Wanda score above Hyper_m × the block mean")
-    a("--epsilon", type=float, default=d.epsilon, help="AlphaPruning: ratios span about target·(1 ± epsilon)")
-    a("--mapping_type", default=d.mapping_type, help="AlphaPruning: block_wise (mean alpha per block) or layer_wise")
-    a("--qmetric", default=d.qmetric, help="TRIM layer metric: cosim_flat, cosim_dim, mse, snr, psnr")
-    a("--qmetric_dimwise", default=d.qmetric_dimwise, help="TRIM per-row metric: cosim, mse, snr")
-    a("--iterations", type=int, default=d.iterations, help="TRIM iterations per learning rate")
-    a("--forbid_neg_lr", action="store_true", help="TRIM: do not try negative learning rates")
     a("--input_recalc", action="store_true",
       help="recompute each input group's Hessian after the block's earlier linears are pruned")
     a("--save_layer_ratio", metavar="FILE", help="write the layer ratios to FILE (.json or .npy)")
@@ -82,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
       "resumes at the first unfinished block (default with --save_model: SAVE_MODEL.checkpoint, removed after success)")
     a("--no_checkpoint", action="store_true", help="no default checkpoint beside --save_model")
     a("--quiet", action="store_true", help="no progress bars or info logs")
+    add_disable_flag(p)
+    PruneConfig.declared_options().add_to_argparse(p)
     return p
 
 
@@ -170,9 +169,11 @@ def print_zero_shot(zero_shot: dict, out=None) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING if "--quiet" in argv else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    get_plugin_manager(disabled=disabled_plugins(argv))  # before any entry point loads
+    args = build_parser().parse_args(argv)
     # The solvers' RuntimeWarnings are logged too (one line each): do not print them twice.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"optima_plugin\.")
     if args.quiet:
@@ -185,10 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = dict(
             prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
             sparsity_type=args.sparsity_type, weight_update=args.weight_update, solver=args.solver,
-            allocation=args.allocation, use_trim=args.use_trim, Lamda=args.Lamda, Hyper_m=args.Hyper_m,
-            epsilon=args.epsilon, mapping_type=args.mapping_type, qmetric=args.qmetric,
-            qmetric_dimwise=args.qmetric_dimwise, iterations=args.iterations, forbid_neg_lr=args.forbid_neg_lr,
-            input_recalc=args.input_recalc, save_layer_ratio=args.save_layer_ratio,
+            allocation=args.allocation, use_trim=args.use_trim, input_recalc=args.input_recalc, save_layer_ratio=args.save_layer_ratio,
             load_layer_ratio=args.load_layer_ratio, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
             skip_attention=args.skip_attention, double_precision=args.double_precision,
@@ -199,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
             save_model=args.save_model, overwrite=args.overwrite, report=args.report,
             checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
+            **PruneConfig.declared_options().values(args),  # the plugins' flags
         )
         source, gguf_file = _model_source(args)
         options["model_path"] = source

@@ -1,6 +1,10 @@
 """PruneConfig: every option of a pruning run, validated in one place.
 
-The field names are the CLI's flag names (the hosts' names where they exist).
+The field names are the CLI's flag names (the hosts' names where they exist). The
+options of plugins (OWL's ``Lamda``, TRIM's ``qmetric``, a third party's) are not
+fields: plugins declare them through the ``optima_addoption`` hook
+(:mod:`optima_plugin.options`), their values live in ``plugin_options`` and are read
+with :meth:`PruneConfig.option`.
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from .options import OptionParser
+from .plugins import collect_options
 from .sparsity import Pattern, parse_pattern
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -33,14 +39,6 @@ class PruneConfig:
     solver: str = "pcg"
     allocation: str = "uniform"
     use_trim: bool = False
-    Lamda: float = 0.08
-    Hyper_m: float = 5.0
-    epsilon: float = 0.3
-    mapping_type: str = "block_wise"
-    qmetric: str = "cosim_flat"
-    qmetric_dimwise: str = "cosim"
-    iterations: int = 10
-    forbid_neg_lr: bool = False
     input_recalc: bool = False
     save_layer_ratio: Optional[str] = None
     load_layer_ratio: Optional[str] = None
@@ -71,6 +69,27 @@ class PruneConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint: bool = True
     model_path: Optional[str] = None  # --model: directory or hub id (never overwritten; part of the checkpoint's identity)
+    plugin_options: dict = field(default_factory=dict)  # {name: value} of plugin-declared options (see option())
+
+    @classmethod
+    def declared_options(cls) -> OptionParser:
+        """The plugin-declared options (``optima_addoption``); a plugin may not reuse a field's name."""
+        return collect_options(reserved=_core_names())
+
+    def option(self, name: str) -> Any:
+        """The value of option ``name``: a plugin-declared one (its default when not set) or a core field.
+
+        ``LookupError`` naming the declared options for any other name.
+        """
+        if name in self.plugin_options:
+            return self.plugin_options[name]
+        if name in _core_names():
+            return getattr(self, name)
+        declared = self.declared_options().options
+        if name not in declared:
+            raise LookupError(f"no option {name!r}: not a core option and no plugin declares it (declared: "
+                              f"{', '.join(sorted(declared)) or 'none'})")
+        return declared[name].default
 
     @property
     def pattern(self) -> Pattern:
@@ -151,10 +170,8 @@ class PruneConfig:
         return "trim" if self.use_trim else None
 
     def _validate_allocation(self) -> None:
-        """Host method aliases (``wanda_owl`` = wanda + OWL, ...) and the allocation options."""
-        from .allocators.alphapruning import MAPPING_TYPES
+        """Host method aliases (``wanda_owl`` = wanda + OWL, ...), the allocation and plugin options."""
         from .allocators.ratio_file import check_suffix
-        from .allocators.trim import DIMWISE_QMETRICS, QMETRICS
 
         if self.prune_method in HOST_METHODS:
             selector, allocation = HOST_METHODS[self.prune_method]
@@ -167,33 +184,33 @@ class PruneConfig:
                 f"--allocation {self.allocation}" if self.allocation != "uniform" else "--load_layer_ratio")
             raise ValueError(f"{what} gives layers or rows different sparsities, but --sparsity_type "
                              f"{self.sparsity_type} fixes every row at {self.pattern.ratio:g}; use unstructured")
-        if not 0.0 <= self.Lamda < 0.5:
-            raise ValueError(f"--Lamda must be in [0, 0.5), got {self.Lamda}")
-        if self.Hyper_m <= 0:
-            raise ValueError(f"--Hyper_m must be > 0, got {self.Hyper_m}")
-        if not 0.0 <= self.epsilon < 1.0:
-            raise ValueError(f"--epsilon must be in [0, 1), got {self.epsilon}")
-        if self.mapping_type not in MAPPING_TYPES:
-            raise ValueError(f"--mapping_type must be one of {', '.join(MAPPING_TYPES)}, got {self.mapping_type!r}")
-        if self.qmetric not in QMETRICS:
-            raise ValueError(f"--qmetric must be one of {', '.join(QMETRICS)}, got {self.qmetric!r}")
-        if self.qmetric_dimwise not in DIMWISE_QMETRICS:
-            raise ValueError(f"--qmetric_dimwise must be one of {', '.join(DIMWISE_QMETRICS)}, "
-                             f"got {self.qmetric_dimwise!r}")
-        if self.iterations < 1:
-            raise ValueError(f"--iterations must be a positive integer, got {self.iterations}")
+        # the plugins' options (OWL, AlphaPruning, TRIM, third parties): completed with defaults, validated
+        self.plugin_options = self.declared_options().resolve(self.plugin_options)
         for flag in ("save_layer_ratio", "load_layer_ratio"):
             if getattr(self, flag):
                 check_suffix(getattr(self, flag), f"--{flag}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every option by name, the plugins' among them (the report's ``options``, the checkpoint's identity)."""
+        out = dataclasses.asdict(self)
+        plugin = out.pop("plugin_options")
+        return {**out, **self.declared_options().defaults(), **plugin}
 
     @classmethod
     def from_options(cls, **options) -> "PruneConfig":
-        """Build from keyword options; unknown names raise ``TypeError`` listing the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Build from keyword options, core and plugin-declared alike, and validate.
+
+        Unknown names raise ``TypeError`` listing the known ones (the plugins' included).
+        """
+        declared = cls.declared_options().options
+        known = _core_names() | set(declared)
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**options).validate()
+        plugin = {name: options.pop(name) for name in list(options) if name in declared}
+        return cls(**options, plugin_options=plugin).validate()
+
+
+def _core_names() -> set[str]:
+    """The core option names: :class:`PruneConfig`'s fields but ``plugin_options``."""
+    return {f.name for f in dataclasses.fields(PruneConfig)} - {"plugin_options"}

@@ -16,7 +16,9 @@ A plugin implements only the hooks it needs, pytest-style::
         def optima_selectors(self):
             return [MySelector()]
 
-and registers itself through the ``optima_plugin`` entry-point group.
+and registers itself through the ``optima_plugin`` entry-point group; the entry point
+must name a module or an instance (a class is instantiated, for compatibility).
+A plugin declares its own flags with ``optima_addoption`` (see :mod:`optima_plugin.options`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ from torch import Tensor, nn
 PROJECT = "optima"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- options ------------------------------------------------------------------
+
+
+@hookspec
+def optima_addoption(parser: Any) -> None:
+    """Declare the plugin's options on ``parser`` (an :class:`~optima_plugin.options.OptionParser`),
+    in a group named after the plugin: ``parser.getgroup("owl").addoption("Lamda", type=float, ...)``.
+
+    The options become flags of ``optima-prune`` and ``optima-host`` and keywords of the Python
+    API; their values are validated once, before any work, and read with ``config.option(name)``.
+    """
 
 
 # -- registries ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from . import alphapruning, owl, trim
 from .alphapruning import AlphaPruningAllocator
 from .base import AllocationContext, LayerAllocator, RowAllocation, RowAllocator, linears_by_block, row_summary
 from .owl import OwlAllocator
@@ -44,7 +45,7 @@ def resolve_layer_ratios(allocator, context: AllocationContext) -> dict:
     run), else asks ``allocator``; fills linears it leaves out with the target;
     checks every ratio is in [0, 1); saves to ``config.save_layer_ratio`` when set.
     """
-    load = context.option("load_layer_ratio", None)
+    load = context.option("load_layer_ratio")
     if load:
         ratios = load_layer_ratios(load, context)
         mean = weighted_mean(ratios, context.linears)
@@ -61,7 +62,7 @@ def resolve_layer_ratios(allocator, context: AllocationContext) -> dict:
     if bad:
         raise ValueError(f"layer ratio {bad[0][1]:.4f} of {bad[0][0]} is outside [0, 1) "
                          f"({len(bad)} such layers); check the allocator's options or --load_layer_ratio")
-    save = context.option("save_layer_ratio", None)
+    save = context.option("save_layer_ratio")
     if save:
         save_layer_ratios(save, ratios, allocation=allocator.name, target=context.target)
     return ratios

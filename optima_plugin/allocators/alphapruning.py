@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..options import OptionParser
 from .base import AllocationContext, linears_by_block
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,16 @@ MAPPING_TYPES = ("block_wise", "layer_wise")
 BINS = 100
 MAX_LAYER_RATIO = 0.95
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def addoption(parser: OptionParser) -> None:
+    """AlphaPruning's options: ``--epsilon`` and ``--mapping_type``."""
+    group = parser.getgroup("alphapruning", "AlphaPruning (--allocation alphapruning)")
+    group.addoption("epsilon", type=float, default=EPSILON,
+                    help="AlphaPruning: ratios span about target·(1 ± epsilon)",
+                    check=lambda v: 0.0 <= v < 1.0, requirement="must be in [0, 1)")
+    group.addoption("mapping_type", default="block_wise", choices=MAPPING_TYPES,
+                    help="AlphaPruning: block_wise (mean alpha per block) or layer_wise")
 
 
 def esd_alpha(weight: Tensor) -> float:
@@ -124,10 +135,8 @@ class AlphaPruningAllocator:
 
     def layer_ratios(self, context: AllocationContext) -> dict:
         """Per-linear ratios from the weights' spectra (one SVD per linear)."""
-        epsilon = context.option("epsilon", EPSILON)
-        mapping = context.option("mapping_type", "block_wise")
-        if mapping not in MAPPING_TYPES:
-            raise ValueError(f"--mapping_type must be one of {', '.join(MAPPING_TYPES)}, got {mapping!r}")
+        epsilon = context.option("epsilon")
+        mapping = context.option("mapping_type")
         names = list(context.linears)
         alpha = {name: esd_alpha(lin.weight) for name, lin in
                  tqdm(context.linears.items(), desc="AlphaPruning spectra", unit="layer",

@@ -30,7 +30,7 @@ class AllocationContext:
         target: the requested mean sparsity.
         linears: ``{full name: nn.Linear}`` that will be pruned, in block order.
         config: the run's :class:`~optima_plugin.config.PruneConfig` (allocator
-            options such as ``Lamda``, ``epsilon``); None outside a run.
+            options such as ``Lamda``, ``epsilon``: see :meth:`option`); None outside a run.
         tokens: ``(n, seqlen)`` calibration token ids, for allocators that need
             activations (OWL); None when not loaded.
         device: where block computations run.
@@ -48,9 +48,16 @@ class AllocationContext:
     offload: bool = False
     progress: bool = False
 
-    def option(self, name: str, default: Any) -> Any:
-        """``config.<name>`` when a config is given, else ``default``."""
-        return getattr(self.config, name, default) if self.config is not None else default
+    def option(self, name: str) -> Any:
+        """The option ``name`` (core or plugin-declared) of the config; without a config, its default.
+
+        ``LookupError`` for a name that is neither a core option nor declared by a plugin.
+        """
+        if self.config is None:
+            from ..config import PruneConfig
+
+            return PruneConfig().option(name)
+        return self.config.option(name)
 
 
 class LayerAllocator(Protocol):

@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import Tensor
 
+from ..options import OptionParser
 from .base import AllocationContext, linears_by_block
 from .statistics import dense_input_norms
 
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 
 LAMDA = 0.08
 HYPER_M = 5.0
+
+
+def addoption(parser: OptionParser) -> None:
+    """OWL's options: ``--Lamda`` and ``--Hyper_m``."""
+    group = parser.getgroup("owl", "OWL (--allocation owl)")
+    group.addoption("Lamda", type=float, default=LAMDA, help="OWL: block ratios span target ± 2·Lamda",
+                    check=lambda v: 0.0 <= v < 0.5, requirement="must be in [0, 0.5)")
+    group.addoption("Hyper_m", type=float, default=HYPER_M,
+                    help="OWL: outlier = Wanda score above Hyper_m × the block mean",
+                    check=lambda v: v > 0, requirement="must be > 0")
 
 
 def outlier_ratio(scores: list[Tensor], hyper_m: float) -> float:
@@ -57,8 +68,8 @@ class OwlAllocator:
 
     def layer_ratios(self, context: AllocationContext) -> dict:
         """One ratio per block for all its linears; runs the dense statistics pass."""
-        lamda = context.option("Lamda", LAMDA)
-        hyper_m = context.option("Hyper_m", HYPER_M)
+        lamda = context.option("Lamda")
+        hyper_m = context.option("Hyper_m")
         norms = dense_input_norms(context)
         blocks = [g for g in linears_by_block(context) if g]
         outliers = []

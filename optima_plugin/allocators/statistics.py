@@ -56,7 +56,7 @@ def dense_input_norms(context: AllocationContext) -> dict[str, Tensor]:
         raise ValueError("this allocator needs calibration tokens (AllocationContext.tokens); "
                          "run it through prune() or pass tokens")
     device = torch.device(context.device)
-    batch_size = context.option("batch_size", 1)
+    batch_size = context.option("batch_size")
     storage = torch.device("cpu") if context.offload else device
     adapter = context.adapter
     inputs, kwargs = capture_block_inputs(adapter, context.tokens, device=device, batch_size=batch_size,

@@ -56,6 +56,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..options import OptionParser
 from ..selectors.base import selector_scores
 from .base import RowAllocation
 
@@ -236,11 +237,24 @@ def trim_row_ratios(
     return RowAllocation(best_counts.double() / d, stats)
 
 
+def addoption(parser: OptionParser) -> None:
+    """TRIM's options: ``--qmetric``, ``--qmetric_dimwise``, ``--iterations``, ``--forbid_neg_lr``."""
+    group = parser.getgroup("trim", "TRIM (--use_trim)")
+    group.addoption("qmetric", default="cosim_flat", choices=tuple(QMETRICS),
+                    help="TRIM layer metric: cosim_flat, cosim_dim, mse, snr, psnr")
+    group.addoption("qmetric_dimwise", default="cosim", choices=tuple(DIMWISE_QMETRICS),
+                    help="TRIM per-row metric: cosim, mse, snr")
+    group.addoption("iterations", type=int, default=ITERATIONS, help="TRIM iterations per learning rate",
+                    check=lambda v: v >= 1, requirement="must be a positive integer")
+    group.addoption("forbid_neg_lr", type=bool, help="TRIM: do not try negative learning rates")
+
+
 class TrimRowAllocator:
     name = "trim"
 
     def row_ratios(self, weight: Tensor, hessian: Optional[Tensor], ratio: float, selector, config) -> RowAllocation:
-        """TRIM ratios for one linear, ranked by ``selector``'s scores; options from ``config``."""
+        """TRIM ratios for one linear, ranked by ``selector``'s scores; options from ``config``
+        (a :class:`~optima_plugin.config.PruneConfig`; None: the declared defaults)."""
         if hessian is None:
             raise ValueError("--use_trim needs the layer's Hessian")
         if ratio > MAX_ROW_RATIO:
@@ -248,10 +262,14 @@ class TrimRowAllocator:
             return RowAllocation(torch.full((weight.shape[0],), float(ratio), dtype=torch.float64,
                                             device=weight.device), {"skipped": "ratio above row cap"})
         scores = selector_scores(selector, weight, hessian)
+        if config is None:
+            from ..config import PruneConfig
+
+            config = PruneConfig()
         return trim_row_ratios(
             weight, hessian, scores, float(ratio),
-            qmetric=getattr(config, "qmetric", "cosim_flat"),
-            qmetric_dimwise=getattr(config, "qmetric_dimwise", "cosim"),
-            iterations=getattr(config, "iterations", ITERATIONS),
-            forbid_neg_lr=getattr(config, "forbid_neg_lr", False),
+            qmetric=config.option("qmetric"),
+            qmetric_dimwise=config.option("qmetric_dimwise"),
+            iterations=config.option("iterations"),
+            forbid_neg_lr=config.option("forbid_neg_lr"),
         )

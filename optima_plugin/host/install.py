@@ -13,16 +13,16 @@ import dataclasses
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from ..files import check_output_file
 from ..models import get_adapter
-from ..plugins import get_plugin_manager, registry
+from ..plugins import collect_options, get_plugin_manager, registry
 from ..updaters import UpdateOptions
 from .plugin import OptimaMaskPlugin
 from .seam import HostSeam, SeamSettings
@@ -56,6 +56,9 @@ class HostOptions:
         calibration, nsamples, seqlen, seed, device: the seam's own statistics pass (magnitude paths);
             calibration defaults to ``host_data`` if given, else ``c4``.
         report: JSON file for the per-layer results.
+        plugin_options: ``{name: value}`` of the options third-party plugins declare
+            (``optima_addoption``; the built-in allocators' are the host's own flags); read with
+            :meth:`option` (during a run: ``active_options().option(name)``).
     """
 
     weight_update: str = "optima"
@@ -75,6 +78,18 @@ class HostOptions:
     seed: int = 0
     device: str = "auto"
     report: Optional[str] = None
+    plugin_options: dict = field(default_factory=dict)
+
+    def option(self, name: str) -> Any:
+        """The value of the plugin-declared option ``name`` (its default when not set);
+        ``LookupError`` when no plugin declares it."""
+        if name in self.plugin_options:
+            return self.plugin_options[name]
+        declared = collect_options(builtin=False).options
+        if name not in declared:
+            raise LookupError(f"no plugin declares the option {name!r} (declared: "
+                              f"{', '.join(sorted(declared)) or 'none'})")
+        return declared[name].default
 
     def validate(self) -> "HostOptions":
         """``ValueError`` naming the flag for bad values; return self."""
@@ -107,6 +122,7 @@ class HostOptions:
             raise ValueError(f"--max_iter must be at least 1, got {self.max_iter}")
         if self.report is not None:
             check_output_file(self.report, "--optima_report")
+        self.plugin_options = collect_options(builtin=False).resolve(self.plugin_options)
         return self
 
     @property
@@ -206,6 +222,11 @@ class Installation:
 def active_seam() -> Optional[HostSeam]:
     """The seam of the current installation, or None."""
     return _active.seam if _active is not None else None
+
+
+def active_options() -> Optional[HostOptions]:
+    """The options of the current installation (a plugin reads its own with ``.option(name)``), or None."""
+    return _active.options if _active is not None else None
 
 
 def install(options: Optional[HostOptions] = None, **overrides) -> Installation:

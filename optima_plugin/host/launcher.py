@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..plugins import add_disable_flag, collect_options, disabled_plugins, get_plugin_manager
 from .install import DTYPES, HostOptions, Installation, install
 from .shims import SHIMS
 
@@ -27,6 +28,11 @@ USAGE = "optima-host SCRIPT.py [the host's arguments] [plugin options]"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The plugin's flags, then one group per plugin with the flags it declares (``optima_addoption``).
+
+    Plugins are those of the process-wide manager: :func:`main` applies ``--disable_plugin``
+    before calling this.
+    """
     d = HostOptions()
     p = argparse.ArgumentParser(
         prog="optima-host", usage=USAGE, add_help=False, allow_abbrev=False,
@@ -56,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--optima_device", default=d.device, help="where that pass runs: auto, cuda, cpu (%(default)s)")
     a("--optima_report", metavar="FILE", help="write the per-layer results (JSON) to FILE")
     a("--optima_quiet", action="store_true", help="no info logs from the plugin")
+    add_disable_flag(p)
+    collect_options(builtin=False).add_to_argparse(p)
     return p
 
 
@@ -78,6 +86,7 @@ def host_options(ns: argparse.Namespace) -> HostOptions:
         host_seqlen=ns.host_seqlen, host_dtype=ns.host_dtype, no_shim=tuple(ns.no_shim),
         calibration=ns.optima_calibration, nsamples=ns.optima_nsamples, seqlen=ns.optima_seqlen,
         seed=ns.optima_seed, device=ns.optima_device, report=ns.optima_report,
+        plugin_options=collect_options(builtin=False).values(ns),
     ).validate()
 
 
@@ -88,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     an exception of the host itself propagates unchanged.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    get_plugin_manager(disabled=disabled_plugins(argv))  # before any entry point loads
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
