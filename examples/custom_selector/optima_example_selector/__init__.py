@@ -1,5 +1,5 @@
 """An example third-party mask selector for optima_plugin (registered by entry point)."""
 
-from .plugin import Plugin, RowMagnitudeSelector
+from .plugin import Plugin, RowMagnitudeSelector, plugin
 
-__all__ = ["Plugin", "RowMagnitudeSelector"]
+__all__ = ["Plugin", "RowMagnitudeSelector", "plugin"]

@@ -35,3 +35,7 @@ class Plugin:
     @hookimpl
     def optima_selectors(self):
         return [RowMagnitudeSelector()]
+
+
+#: What the entry point names: an instance (pluggy registers the entry point's object as is).
+plugin = Plugin()
