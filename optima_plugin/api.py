@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> dict:
     """Prune ``model`` in place; evaluate, save and write the report as the options say.
 
-    ``options`` are :class:`PruneConfig`'s fields (the CLI's flag names), e.g.
+    ``options`` are :class:`PruneConfig`'s fields and the options plugins declare (OWL's
+    ``Lamda``, TRIM's ``qmetric``, a third party's: the CLI's flag names), e.g.
     ``prune(model, tok, prune_method="wanda", sparsity_ratio=0.5, weight_update="optima")``.
     Every option and path is checked before any work. With a checkpoint folder
     (``checkpoint_dir``, by default ``<save_model>.checkpoint``) the prune resumes

@@ -28,6 +28,8 @@ from typing import Any, Optional
 import pluggy
 from torch import Tensor, nn
 
+from .options import OptionParser
+
 PROJECT = "optima"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -37,7 +39,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def optima_addoption(parser: Any) -> None:
+def optima_addoption(parser: OptionParser) -> None:
     """Declare the plugin's options on ``parser`` (an :class:`~optima_plugin.options.OptionParser`),
     in a group named after the plugin: ``parser.getgroup("owl").addoption("Lamda", type=float, ...)``.
 
