@@ -254,3 +254,14 @@ def test_disable_after_creation_unregisters(fake_entry_points):
     assert "good_selector" in registry("selectors")
     get_plugin_manager(disabled=["good"])
     assert "good_selector" not in registry("selectors")
+
+
+def test_checkpoint_of_another_plugin_option_is_refused(tmp_path):
+    from optima_plugin import prune
+    from optima_plugin.testing import tiny_model, tiny_tokenizer
+
+    ckpt, tok = tmp_path / "ckpt", tiny_tokenizer()
+    quick = dict(nsamples=2, seqlen=32, weight_update="none", progress=False, checkpoint_dir=str(ckpt))
+    prune(tiny_model("llama"), tok, Lamda=0.1, **quick)
+    with pytest.raises(ValueError, match="differs in Lamda"):
+        prune(tiny_model("llama"), tok, Lamda=0.2, **quick)
