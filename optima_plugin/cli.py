@@ -186,8 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = dict(
             prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
             sparsity_type=args.sparsity_type, weight_update=args.weight_update, solver=args.solver,
-            allocation=args.allocation, use_trim=args.use_trim, input_recalc=args.input_recalc, save_layer_ratio=args.save_layer_ratio,
-            load_layer_ratio=args.load_layer_ratio, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            allocation=args.allocation, use_trim=args.use_trim, input_recalc=args.input_recalc,
+            save_layer_ratio=args.save_layer_ratio, load_layer_ratio=args.load_layer_ratio,
+            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
             skip_attention=args.skip_attention, double_precision=args.double_precision,
             damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
