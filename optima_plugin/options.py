@@ -30,7 +30,7 @@ class Option:
 
     Attributes:
         name: the option's name (config key, keyword of the Python API, flag without ``--``).
-        type: ``float``, ``int``, ``str`` or ``bool`` (a bool is a ``store_true`` flag).
+        type: ``float``, ``int``, ``str`` or ``bool`` (a bool is a ``store_true`` flag, default False).
         default: the value when not given.
         help: the flag's help line.
         group: the declaring plugin's group name.
@@ -90,6 +90,9 @@ class OptionParser:
         """Declare ``--<name>``; ``ValueError`` when the name is a core option or declared already."""
         if name.startswith("-") or not name.isidentifier():
             raise ValueError(f"plugin option {name!r}: give the name without dashes, a Python identifier")
+        if type is bool and default not in (None, False):
+            raise ValueError(f"plugin option --{name} (group {group}): a bool option is a store_true flag, "
+                             "default False")
         if name in self._reserved:
             raise ValueError(f"plugin option --{name} (group {group}) clashes with a core option")
         if name in self.options:
