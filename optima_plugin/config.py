@@ -156,6 +156,11 @@ class PruneConfig:
             self.checkpoint_dir = default_checkpoint_dir(self.save_model)
         if self.checkpoint_dir:
             check_checkpoint_dir(self.checkpoint_dir, protected=protected)
+            if self.save_model:
+                ckpt, save = Path(self.checkpoint_dir).resolve(), Path(self.save_model).resolve()
+                if ckpt == save or save in ckpt.parents or ckpt in save.parents:
+                    raise ValueError(f"--checkpoint_dir {self.checkpoint_dir} and --save_model {self.save_model} "
+                                     "overlap; give them separate folders")
 
     @property
     def checkpoint_is_default(self) -> bool:

@@ -298,6 +298,13 @@ def test_checkpoint_of_other_options_is_refused(tmp_path, tokenizer):
               **FAST)
 
 
+@pytest.mark.parametrize("ckpt", ["out", "out/ckpt"])
+def test_checkpoint_inside_the_saved_model_is_refused(ckpt, tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="overlap; give them separate folders"):
+        prune(tiny_model("llama"), tokenizer, save_model=str(tmp_path / "out"),
+              checkpoint_dir=str(tmp_path / ckpt), **FAST)
+
+
 def test_checkpoint_dir_with_foreign_files_is_refused(tmp_path, tokenizer):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "thesis.tex").write_text("mine")
