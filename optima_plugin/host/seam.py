@@ -261,10 +261,10 @@ class HostSeam:
         mb = max(self.block_bytes(st) for st in self.blocks) / 2**20 if self.blocks else 0.0
         self.checkpoint = CheckpointWeights.of(model)
         log.info("optima-host: watching %d linears in %d blocks of %s (dense weights: one block at a time, "
-                 "at most %.0f MB on CPU)", n, len(self.blocks), type(model).__name__, mb)
+                 "at most %.1f MB on CPU)", n, len(self.blocks), type(model).__name__, mb)
         if self.checkpoint is None:
             log.info("optima-host: no local safetensors for %r: dense weights come only from a one-block copy "
-                     "(%.0f MB on CPU) taken at the host's first call of each block; a linear pruned before "
+                     "(%.1f MB on CPU) taken at the host's first call of each block; a linear pruned before "
                      "the host calls its block (magnitude paths) keeps the host's weights",
                      getattr(model, "name_or_path", ""), mb)
         return True
@@ -433,6 +433,15 @@ class HostSeam:
         if self._current is not None:
             self._leave(self.blocks[self._current])
             pending = {st.index: ch for st in self.blocks if (ch := self._changed(st))}
+        if self.checkpoint is None:  # nowhere to read their dense weights from: the host's weights stay
+            lost = [ls for ch in pending.values() for ls in ch if ls.dense is None]
+            if lost:
+                log.warning("optima-host: %d linear(s) were pruned before the host called their block and no "
+                            "checkpoint on disk has their dense weights (e.g. %s); they keep the host's weights",
+                            len(lost), lost[0].name)
+            for ls in lost:
+                ls.seen()
+            pending = {i: keep for i, ch in pending.items() if (keep := [ls for ls in ch if ls.dense is not None])}
         if pending:
             self._own_pass(pending)
 
