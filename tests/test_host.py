@@ -300,10 +300,10 @@ def test_magnitude_gets_an_own_statistics_pass(models, tmp_path):
 # -- what the seam holds ----------------------------------------------------------
 
 
-def block_bytes(model_dir: Path) -> list[int]:
-    """Bytes of each block's decoder linears in the hosts' float16."""
+def block_bytes(model_dir: Path, dtype: torch.dtype = torch.float16) -> list[int]:
+    """Bytes of each block's decoder linears, in the hosts' float16 unless told."""
     sizes: dict[int, int] = {}
-    for name, w in dense_linears(model_dir).items():
+    for name, w in dense_linears(model_dir, dtype).items():
         index = int(name.split(".layers.")[1].split(".")[0])
         sizes[index] = sizes.get(index, 0) + w.numel() * w.element_size()
     return [sizes[i] for i in sorted(sizes)]
@@ -680,7 +680,33 @@ def test_smollm2_wanda_host_perplexity(tmp_path):
     args = ["--model", str(tmp_path / "smollm2"), "--prune_method", "wanda", "--sparsity_ratio", "0.5",
             "--sparsity_type", "unstructured", "--nsamples", "8", "--eval_windows", "4", "--host_data", "pydoc",
             "--host_seqlen", "256", "--host_dtype", "float32", "--tol", "1e-2", "--optima_quiet"]
-    ppl = {wu: perplexity(run_host("wanda", args + ["--weight_update", wu], tmp_path / wu, save=False)["stdout"],
-                          "wikitext perplexity") for wu in ("none", "optima")}
+    report = tmp_path / "report.json"
+    ppl = {wu: perplexity(run_host("wanda", args + ["--weight_update", wu] + (["--optima_report", str(report)]
+                                                                              if wu == "optima" else []),
+                                   tmp_path / wu, save=False)["stdout"], "wikitext perplexity")
+           for wu in ("none", "optima")}
     assert 15 < ppl["none"] < 60, ppl  # 50% Wanda on SmolLM2 (dense: about 13 on this text)
     assert ppl["optima"] < 0.85 * ppl["none"], ppl
+    # The seam held one block's linears at most (13.5 MiB in float32), not the model's (405 MiB).
+    sizes = block_bytes(tmp_path / "smollm2", torch.float32)
+    peak = json.loads(report.read_text())["summary"]["dense_peak_bytes"]
+    print(f"SmolLM2 dense peak {peak} bytes; one block {max(sizes)}; every block {sum(sizes)}")
+    assert peak == max(sizes) and 29 * peak < sum(sizes)
+
+
+def test_explicit_emit_reads_dense_weights_from_the_checkpoint(models):
+    """``emit_mask`` for a block the host never called: the dense weights come from the model folder's
+    safetensors (the seam copied nothing at load) and are freed right after."""
+    from transformers import AutoModelForCausalLM
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(models / "llama")
+        assert inst.seam.dense_bytes() == 0 and inst.seam.checkpoint is not None  # nothing copied at load
+        q = model.model.layers[1].self_attn.q_proj
+        dense = q.weight.detach().clone()
+        mask = row_mask(dense.abs(), 0.5)
+        hessian = activation_hessian(64, seed=3)
+        q.weight.data[mask] = 0
+        emit_mask("q", q, mask, hessian=hessian)
+        assert torch.allclose(q.weight, reconstruct(dense, mask, hessian, solver="direct").weight, atol=1e-6)
+        assert inst.seam.dense_bytes() == 0 and inst.seam.peak_dense_bytes == dense.numel() * 4

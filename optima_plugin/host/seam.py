@@ -459,6 +459,8 @@ class HostSeam:
                 self._own_pass({st.index: [ls]})
             else:
                 self._emit(st, ls, hessian, pruned=pruned, dense=dense)
+            if st.index != self._current:  # read from the checkpoint for a block the host is not in: freed now
+                self._drop(st)
         finally:
             self._busy = False
 
