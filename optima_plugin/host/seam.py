@@ -22,8 +22,8 @@ a time with the same loop::
   input, for the linears that are still dense;
 * when the block is called again and a linear's weight differs from what the seam last
   knew (the dense weight, or the seam's own answer): per-row checksums of the weight's bit
-  patterns and of its zeros (:func:`fingerprint`, exact integer sums; not a zero count, so a
-  mask that leaves the number of zeros unchanged is seen too), the host has applied its
+  patterns (:func:`fingerprint`, exact integer sums; not a zero count, so a mask that
+  leaves the number of zeros unchanged is seen too), the host has applied its
   mask: ``pruned = weight == 0`` (new zeros, and the dense weight's own zeros, which the
   host counts as pruned too: its zero pattern is kept exactly). The seam emits it
   through the ``optima_mask_emitted`` hook (the OPTIMA plugin answers with the exact
@@ -92,14 +92,23 @@ class SeamSettings:
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def fingerprint(weight: Tensor) -> Tensor:
-    """Per-row checksums of ``weight``, ``(rows, 2)`` int64 on the CPU: the sum of the entries' bit
-    patterns (as integers: exact, any changed entry changes it unless another change in the same row
-    cancels it exactly) and the number of zeros. Cheap enough for every block call (two reductions)."""
+def _rows(weight: Tensor) -> Tensor:
     w = weight.detach()
-    w2 = w.reshape(w.shape[0], -1) if w.dim() != 2 else w
-    bits = w2.view(_BITS[w2.element_size()]).sum(dim=1, dtype=torch.int64)
-    return torch.stack([bits, w2.eq(0).sum(dim=1)], dim=1).cpu()
+    return w.reshape(w.shape[0], -1) if w.dim() != 2 else w
+
+
+def fingerprint(weight: Tensor) -> Tensor:
+    """Per-row checksums of ``weight``, ``(rows,)`` int64 on the CPU: the sum of each row's bit patterns
+    as integers. Exact: a changed entry changes its row's sum (zeroing one too, ``-0.0`` included) unless
+    other changes in the same row cancel it to the bit. One reduction, done at every block call: a
+    quarter of the time of counting zeros (``eq(0)``) on CPUs."""
+    w = _rows(weight)
+    return w.view(_BITS[w.element_size()]).sum(dim=1, dtype=torch.int64).cpu()
+
+
+def row_zeros(weight: Tensor) -> Tensor:
+    """Zeros per row of ``weight`` (``(rows,)`` int64 on the CPU): compared only when the host cast the model."""
+    return _rows(weight).eq(0).sum(dim=1).cpu()
 
 
 @dataclass
@@ -111,6 +120,7 @@ class LinearState:
     module: nn.Linear
     owner: str  # the member of its input group whose forward hook streams the shared Hessian
     ref: Tensor  # fingerprint of the weight as the seam last knew it (at load: the dense weight's)
+    ref_zeros: Tensor  # its zeros per row
     ref_dtype: torch.dtype
     dense: Optional[Tensor] = None  # CPU dense weight, held only while the seam works on its block
     handled: bool = False
@@ -118,17 +128,17 @@ class LinearState:
     def changed(self) -> bool:
         """Whether the weight differs from what the seam last knew (the dense weight, or its own answer)."""
         weight = self.module.weight
-        now = fingerprint(weight)
         if weight.dtype != self.ref_dtype:  # the host cast the model: compare the zeros, then follow the cast
-            if not torch.equal(now[:, 1], self.ref[:, 1]):
+            if not torch.equal(row_zeros(weight), self.ref_zeros):
                 return True
-            self.ref, self.ref_dtype = now, weight.dtype
+            self.seen()
             return False
-        return not torch.equal(now, self.ref)
+        return not torch.equal(fingerprint(weight), self.ref)
 
     def seen(self) -> None:
         """The weight as it is now is known (after the seam's write, or a change that needs no update)."""
-        self.ref, self.ref_dtype = fingerprint(self.module.weight), self.module.weight.dtype
+        weight = self.module.weight
+        self.ref, self.ref_zeros, self.ref_dtype = fingerprint(weight), row_zeros(weight), weight.dtype
 
 
 @dataclass
@@ -249,7 +259,8 @@ class HostSeam:
             owners = {rel: group[0] for group in input_groups(block) for rel in group}
             states = {
                 rel: LinearState(name=f"{prefix}.{i}.{rel}", rel=rel, module=lin, owner=owners[rel],
-                                 ref=fingerprint(lin.weight), ref_dtype=lin.weight.dtype)
+                                 ref=fingerprint(lin.weight), ref_zeros=row_zeros(lin.weight),
+                                 ref_dtype=lin.weight.dtype)
                 for rel, lin in linears.items()
             }
             st = BlockState(index=i, block=block, linears=states)
