@@ -710,3 +710,28 @@ def test_explicit_emit_reads_dense_weights_from_the_checkpoint(models):
         emit_mask("q", q, mask, hessian=hessian)
         assert torch.allclose(q.weight, reconstruct(dense, mask, hessian, solver="direct").weight, atol=1e-6)
         assert inst.seam.dense_bytes() == 0 and inst.seam.peak_dense_bytes == dense.numel() * 4
+
+
+def test_host_cast_after_load_is_not_a_mask(models):
+    """A host that casts the model after loading it (``model.half()``): the cast is no mask; the seam copies
+    the block in the new dtype at the host's first call, and the mask applied after that is handled."""
+    from transformers import AutoModelForCausalLM
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(models / "llama", dtype=torch.float32)
+        model.to(torch.bfloat16)
+        block0 = model.model.layers[0]
+        hidden = [torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(2)]
+        with torch.no_grad():
+            for x in hidden:
+                block0(x)
+        assert inst.seam.layers == []
+        state = inst.seam.blocks[0].linears["self_attn.o_proj"]
+        o = block0.self_attn.o_proj
+        assert state.dense.dtype == torch.bfloat16 and torch.equal(state.dense, o.weight)
+        mask = row_mask(o.weight.detach().abs().float(), 0.5)
+        with torch.no_grad():
+            o.weight[mask] = 0
+            block0(hidden[0])
+        assert [x["name"] for x in inst.seam.layers] == ["model.layers.0.self_attn.o_proj"]
+        assert torch.equal(o.weight == 0, mask) and o.weight.dtype == torch.bfloat16
