@@ -293,6 +293,134 @@ def test_magnitude_gets_an_own_statistics_pass(models, tmp_path):
     check_against_host(pair, models / "llama", label="wikitext perplexity", same_masks=everything,
                        in_sample=block("model.layers", 0, LLAMA), nsamples=8, layers=21)
     assert [p["blocks"] for p in pair["optima"]["report"]["own_passes"]] == [[0, 1, 2]]
+    # The dense weights came from the checkpoint's safetensors, one block at a time.
+    assert 0 < pair["optima"]["report"]["summary"]["dense_peak_bytes"] <= max(block_bytes(models / "llama"))
+
+
+# -- what the seam holds ----------------------------------------------------------
+
+
+def block_bytes(model_dir: Path, dtype: torch.dtype = torch.float16) -> list[int]:
+    """Bytes of each block's decoder linears, in the hosts' float16 unless told."""
+    sizes: dict[int, int] = {}
+    for name, w in dense_linears(model_dir, dtype).items():
+        index = int(name.split(".layers.")[1].split(".")[0])
+        sizes[index] = sizes.get(index, 0) + w.numel() * w.element_size()
+    return [sizes[i] for i in sorted(sizes)]
+
+
+def test_seam_holds_one_block_of_dense_weights(wanda_llama, models):
+    """Wanda's loop: the seam copies a block's linears at the host's first call of it and frees them when the
+    host moves on; at no time does it hold more than one block's (at load: none; the old seam: every block)."""
+    sizes = block_bytes(models / "llama")
+    assert len(sizes) == 3
+    peak = wanda_llama["optima"]["report"]["summary"]["dense_peak_bytes"]
+    assert peak == max(sizes) and peak * len(sizes) == sum(sizes)
+
+
+def test_magnitude_without_safetensors_keeps_the_host_weights(models, tmp_path, capsys):
+    """No checkpoint on disk to read dense weights from (a .bin model here; GGUF, a hub id not cached): masks
+    applied before the host calls their block keep the host's weights, and the log says so."""
+    from transformers import AutoModelForCausalLM
+
+    from safetensors.torch import load_file
+
+    AutoModelForCausalLM.from_pretrained(models / "llama").save_pretrained(tmp_path / "bin")
+    tiny_tokenizer().save_pretrained(tmp_path / "bin")
+    torch.save(load_file(tmp_path / "bin" / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    assert not list((tmp_path / "bin").glob("*.safetensors"))
+    args = ["--model", str(tmp_path / "bin"), "--prune_method", "magnitude", "--sparsity_ratio", "0.5",
+            "--sparsity_type", "unstructured", "--nsamples", "2", "--eval_windows", "1", "--optima_nsamples", "2"]
+    run = run_host("wanda", args + COMMON + ["--weight_update", "optima"], tmp_path / "run")
+    log = capsys.readouterr().err  # the launcher's log lines
+    assert "no local safetensors" in log and "21 linear(s) were pruned before the host called" in log
+    assert run["report"]["layers"] == [] and run["report"]["own_passes"] == []
+    assert run["report"]["summary"]["dense_peak_bytes"] == 0
+    dense = dense_linears(tmp_path / "bin")
+    for name, mask in run["masks"].items():  # the host's own weights: its mask on the dense weights
+        assert torch.equal(run["weights"][name], dense[name].masked_fill(mask, 0)), name
+
+
+@pytest.fixture
+def zeros_model(models, tmp_path):
+    """The tiny Llama with zeros of its own in block 0's k_proj (columns 0-3), as GGUF-dequantized weights have."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models / "llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight[:, :4] = 0
+    model.save_pretrained(tmp_path / "zeros")
+    tiny_tokenizer().save_pretrained(tmp_path / "zeros")
+    return tmp_path / "zeros"
+
+
+def _first_pass(inst, model):
+    """Wanda's first pass on block 0 (4 windows): the seam's copy of the block, its Hessians; returns
+    the block, its k_proj, k_proj's dense weight, its Hessian and the windows."""
+    block0 = model.model.layers[0]
+    hidden = [torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    with torch.no_grad():
+        for x in hidden:
+            block0(x)
+    k = block0.self_attn.k_proj
+    state = inst.seam.blocks[0].linears["self_attn.k_proj"]
+    assert inst.seam.dense_bytes() == sum(ls.module.weight.numel() * 4 for ls in inst.seam.blocks[0].linears.values())
+    return block0, k, k.weight.detach().clone(), inst.seam.blocks[0].accs[state.owner].hessian.clone(), hidden
+
+
+def test_mask_with_unchanged_zero_count_is_handled(zeros_model):
+    """The host updates weights and masks so that the number of zeros stays the same (the dense zeros become
+    nonzero, as many other entries become zero): still a new mask, found against the dense weights."""
+    from transformers import AutoModelForCausalLM
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(zeros_model)
+        block0, k, dense, hessian, hidden = _first_pass(inst, model)
+        assert bool((dense[:, :4] == 0).all())
+        with torch.no_grad():
+            k.weight[:, :4] = 0.01  # an update revives the dense zeros ...
+            k.weight[:, 4:8] = 0  # ... and the mask zeroes as many others, row by row
+        assert torch.equal((k.weight == 0).sum(1), (dense == 0).sum(1))
+        with torch.no_grad():
+            block0(hidden[0])  # the host's second pass
+        assert [x["name"] for x in inst.seam.layers] == ["model.layers.0.self_attn.k_proj"]
+        pruned = torch.zeros_like(dense, dtype=torch.bool)
+        pruned[:, 4:8] = True
+        assert torch.equal(k.weight == 0, pruned)
+        assert torch.allclose(k.weight, reconstruct(dense, pruned, hessian, solver="direct").weight, atol=1e-6)
+        with torch.no_grad():
+            block0(hidden[1])  # the seam's own answer is not a new mask
+        assert len(inst.seam.layers) == 1
+
+
+def test_mask_over_dense_zeros_is_handled(zeros_model):
+    """The host's mask covers entries that were zero already: they count as pruned (the host's zero pattern
+    is kept); a mask of dense zeros only leaves the weight as it was, and the dense weight is its optimum."""
+    from transformers import AutoModelForCausalLM
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(zeros_model)
+        block0, k, dense, hessian, hidden = _first_pass(inst, model)
+        v = block0.self_attn.v_proj
+        with torch.no_grad():
+            k.weight[:, :4] = 0  # dense zeros only: the weight is unchanged
+            block0(hidden[0])
+        assert inst.seam.layers == [] and torch.equal(k.weight, dense)
+        hessian = inst.seam.blocks[0].accs["self_attn.q_proj"].hessian.clone()  # that call's window added
+        pruned = torch.zeros_like(dense, dtype=torch.bool)
+        pruned[:, :8] = True  # four dense zeros, four new ones
+        with torch.no_grad():
+            k.weight[pruned] = 0
+            block0(hidden[1])
+        assert [x["name"] for x in inst.seam.layers] == ["model.layers.0.self_attn.k_proj"]
+        assert torch.equal(k.weight == 0, pruned)
+        assert torch.allclose(k.weight, reconstruct(dense, pruned, hessian, solver="direct").weight, atol=1e-6)
+        assert torch.equal(v.weight, inst.seam.blocks[0].linears["self_attn.v_proj"].dense)  # v: not masked
+        model.model.layers[1](hidden[0])  # the host moves on: block 0's copies are freed, block 1's taken
+        assert all(ls.dense is None for ls in inst.seam.blocks[0].linears.values())
+        assert inst.seam.dense_bytes() == sum(ls.module.weight.numel() * 4
+                                              for ls in inst.seam.blocks[1].linears.values())
 
 
 # -- custom selectors from another package -------------------------------------
@@ -513,7 +641,7 @@ def test_seam_in_process_explicit_emit_and_shims(models):
         k = block0.self_attn.k_proj
         state.dense[:, :5] = 0
         k.weight.data[:, :5] = 0
-        state.seen_zeros = int((k.weight == 0).sum())
+        state.seen()  # as if loaded so
         with torch.no_grad():
             block0(hidden[0])  # no new mask yet: nothing happens
         assert len(inst.seam.layers) == 1
@@ -552,7 +680,58 @@ def test_smollm2_wanda_host_perplexity(tmp_path):
     args = ["--model", str(tmp_path / "smollm2"), "--prune_method", "wanda", "--sparsity_ratio", "0.5",
             "--sparsity_type", "unstructured", "--nsamples", "8", "--eval_windows", "4", "--host_data", "pydoc",
             "--host_seqlen", "256", "--host_dtype", "float32", "--tol", "1e-2", "--optima_quiet"]
-    ppl = {wu: perplexity(run_host("wanda", args + ["--weight_update", wu], tmp_path / wu, save=False)["stdout"],
-                          "wikitext perplexity") for wu in ("none", "optima")}
+    report = tmp_path / "report.json"
+    ppl = {wu: perplexity(run_host("wanda", args + ["--weight_update", wu] + (["--optima_report", str(report)]
+                                                                              if wu == "optima" else []),
+                                   tmp_path / wu, save=False)["stdout"], "wikitext perplexity")
+           for wu in ("none", "optima")}
     assert 15 < ppl["none"] < 60, ppl  # 50% Wanda on SmolLM2 (dense: about 13 on this text)
     assert ppl["optima"] < 0.85 * ppl["none"], ppl
+    # The seam held one block's linears at most (13.5 MiB in float32), not the model's (405 MiB).
+    sizes = block_bytes(tmp_path / "smollm2", torch.float32)
+    peak = json.loads(report.read_text())["summary"]["dense_peak_bytes"]
+    print(f"SmolLM2 dense peak {peak} bytes; one block {max(sizes)}; every block {sum(sizes)}")
+    assert peak == max(sizes) and 29 * peak < sum(sizes)
+
+
+def test_explicit_emit_reads_dense_weights_from_the_checkpoint(models):
+    """``emit_mask`` for a block the host never called: the dense weights come from the model folder's
+    safetensors (the seam copied nothing at load) and are freed right after."""
+    from transformers import AutoModelForCausalLM
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(models / "llama")
+        assert inst.seam.dense_bytes() == 0 and inst.seam.checkpoint is not None  # nothing copied at load
+        q = model.model.layers[1].self_attn.q_proj
+        dense = q.weight.detach().clone()
+        mask = row_mask(dense.abs(), 0.5)
+        hessian = activation_hessian(64, seed=3)
+        q.weight.data[mask] = 0
+        emit_mask("q", q, mask, hessian=hessian)
+        assert torch.allclose(q.weight, reconstruct(dense, mask, hessian, solver="direct").weight, atol=1e-6)
+        assert inst.seam.dense_bytes() == 0 and inst.seam.peak_dense_bytes == dense.numel() * 4
+
+
+def test_host_cast_after_load_is_not_a_mask(models):
+    """A host that casts the model after loading it (``model.half()``): the cast is no mask; the seam copies
+    the block in the new dtype at the host's first call, and the mask applied after that is handled."""
+    from transformers import AutoModelForCausalLM
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(models / "llama", dtype=torch.float32)
+        model.to(torch.bfloat16)
+        block0 = model.model.layers[0]
+        hidden = [torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(2)]
+        with torch.no_grad():
+            for x in hidden:
+                block0(x)
+        assert inst.seam.layers == []
+        state = inst.seam.blocks[0].linears["self_attn.o_proj"]
+        o = block0.self_attn.o_proj
+        assert state.dense.dtype == torch.bfloat16 and torch.equal(state.dense, o.weight)
+        mask = row_mask(o.weight.detach().abs().float(), 0.5)
+        with torch.no_grad():
+            o.weight[mask] = 0
+            block0(hidden[0])
+        assert [x["name"] for x in inst.seam.layers] == ["model.layers.0.self_attn.o_proj"]
+        assert torch.equal(o.weight == 0, mask) and o.weight.dtype == torch.bfloat16

@@ -33,7 +33,8 @@ def emit_mask(name: str, module: nn.Module, pruned: Tensor, hessian: Optional[Te
         pruned: the mask.
         hessian: ``d x d`` mean of ``x xᵀ`` over the layer's calibration inputs
             (from the seam when installed and not given).
-        dense_weight: the weights before the mask (from the seam's snapshot when installed).
+        dense_weight: the weights before the mask (from the seam when installed: its copy of the
+            block, taken at the host's first call of it, or the checkpoint's safetensors).
 
     Returns:
         ``module.weight`` after the plugins' answer was written, or None when no

@@ -9,13 +9,23 @@ a time with the same loop::
 
 :class:`HostSeam` watches that loop from outside, through hooks only:
 
-* at load, it snapshots the dense weights of every decoder linear (CPU, the model's dtype);
+* it holds dense weights for at most one block: at the host's first call of a block (its
+  forward pre-hook, before the host can have applied that block's masks) it copies the
+  block's still-dense linears to the CPU, and drops the copies once the host has left the
+  block (its next block, the seam's own pass, the end). A linear pruned before the host ever
+  calls its block (the magnitude paths) gets its dense weights from the checkpoint on disk
+  (the model's safetensors, memory-mapped, by parameter name; :class:`CheckpointWeights`),
+  one block at a time; without local safetensors (GGUF, a hub id not in the cache) such a
+  linear keeps the host's weights (logged once at load);
 * while the host calls a block directly (not inside a whole-model forward), forward
   hooks on the block's linears stream one Hessian ``H = mean x xᵀ`` per distinct
   input, for the linears that are still dense;
-* when the block is called again and a linear's weight has new zeros, the host has
-  applied its mask: ``pruned = weight == 0`` (new zeros, and the dense weight's own
-  zeros, which the host counts as pruned too: its zero pattern is kept exactly). The seam emits it
+* when the block is called again and a linear's weight differs from what the seam last
+  knew (the dense weight, or the seam's own answer): per-row checksums of the weight's bit
+  patterns (:func:`fingerprint`, exact integer sums; not a zero count, so a mask that
+  leaves the number of zeros unchanged is seen too), the host has applied its
+  mask: ``pruned = weight == 0`` (new zeros, and the dense weight's own zeros, which the
+  host counts as pruned too: its zero pattern is kept exactly). The seam emits it
   through the ``optima_mask_emitted`` hook (the OPTIMA plugin answers with the exact
   reconstruction from the dense weights) and writes the answer into the weight, in
   its dtype and device, pruned entries exactly zero, before the block runs;
@@ -36,6 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -78,6 +89,28 @@ class SeamSettings:
     report: Optional[str] = None
 
 
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _rows(weight: Tensor) -> Tensor:
+    w = weight.detach()
+    return w.reshape(w.shape[0], -1) if w.dim() != 2 else w
+
+
+def fingerprint(weight: Tensor) -> Tensor:
+    """Per-row checksums of ``weight``, ``(rows,)`` int64 on the CPU: the sum of each row's bit patterns
+    as integers. Exact: a changed entry changes its row's sum (zeroing one too, ``-0.0`` included) unless
+    other changes in the same row cancel it to the bit. One reduction, done at every block call: a
+    quarter of the time of counting zeros (``eq(0)``) on CPUs."""
+    w = _rows(weight)
+    return w.view(_BITS[w.element_size()]).sum(dim=1, dtype=torch.int64).cpu()
+
+
+def row_zeros(weight: Tensor) -> Tensor:
+    """Zeros per row of ``weight`` (``(rows,)`` int64 on the CPU): compared only when the host cast the model."""
+    return _rows(weight).eq(0).sum(dim=1).cpu()
+
+
 @dataclass
 class LinearState:
     """One decoder linear as the seam sees it."""
@@ -86,9 +119,26 @@ class LinearState:
     rel: str
     module: nn.Linear
     owner: str  # the member of its input group whose forward hook streams the shared Hessian
-    dense: Optional[Tensor]  # CPU snapshot of the dense weight (freed once handled and left)
-    seen_zeros: int  # zeros after the seam's last write (at load: the dense weight's)
+    ref: Tensor  # fingerprint of the weight as the seam last knew it (at load: the dense weight's)
+    ref_zeros: Tensor  # its zeros per row
+    ref_dtype: torch.dtype
+    dense: Optional[Tensor] = None  # CPU dense weight, held only while the seam works on its block
     handled: bool = False
+
+    def changed(self) -> bool:
+        """Whether the weight differs from what the seam last knew (the dense weight, or its own answer)."""
+        weight = self.module.weight
+        if weight.dtype != self.ref_dtype:  # the host cast the model: compare the zeros, then follow the cast
+            if not torch.equal(row_zeros(weight), self.ref_zeros):
+                return True
+            self.seen()
+            return False
+        return not torch.equal(fingerprint(weight), self.ref)
+
+    def seen(self) -> None:
+        """The weight as it is now is known (after the seam's write, or a change that needs no update)."""
+        weight = self.module.weight
+        self.ref, self.ref_zeros, self.ref_dtype = fingerprint(weight), row_zeros(weight), weight.dtype
 
 
 @dataclass
@@ -100,10 +150,57 @@ class BlockState:
     collect: set = field(default_factory=set)
 
 
-def _zeros(weight: Tensor) -> int:
-    """Number of zero entries of ``weight`` (counted at every block call, so the fast way:
-    ``eq(0).sum()`` takes a third of ``count_nonzero``'s time on CPUs)."""
-    return int(weight.detach().eq(0).sum())
+class CheckpointWeights:
+    """Dense weights read from a model's safetensors files, memory-mapped, by parameter name.
+
+    A tensor is read only when asked for (``safe_open``: the file is mapped, nothing is
+    loaded up front) and returned as a fresh CPU tensor in the checkpoint's dtype.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.files = files
+        self.index: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    self.index.setdefault(key, path)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Optional["CheckpointWeights"]:
+        """The checkpoint of ``model`` (its ``name_or_path``: a directory, or a hub id in the local cache)."""
+        source = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path",
+                                                                        "") or "")
+        if not source:
+            return None
+        folder = Path(source)
+        if not folder.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(source, local_files_only=True, allow_patterns=["*.safetensors"]))
+            except Exception:  # not a hub id, or not in the cache: no checkpoint to read
+                return None
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return None
+        try:
+            return cls(files)
+        except Exception as err:  # an unreadable file: as if there were none
+            log.warning("optima-host: cannot read the safetensors in %s (%s)", folder, err)
+            return None
+
+    def get(self, name: str) -> Optional[Tensor]:
+        """The tensor saved as ``name`` (or as ``name`` without leading prefixes, or with ``model.``), or None."""
+        from safetensors import safe_open
+
+        parts = name.split(".")
+        for key in [name, "model." + name] + [".".join(parts[j:]) for j in range(1, len(parts) - 1)]:
+            if key in self.index:
+                with safe_open(str(self.index[key]), framework="pt", device="cpu") as f:
+                    return f.get_tensor(key)
+        return None
 
 
 class HostSeam:
@@ -135,12 +232,18 @@ class HostSeam:
         self._busy = False
         self._handles: list = []
         self._tokens: Optional[Tensor] = None
+        #: where dense weights come from for a block the seam has no snapshot of (None: nowhere)
+        self.checkpoint: Optional[CheckpointWeights] = None
+        #: the most bytes of dense weights the seam held at once (see :meth:`dense_bytes`)
+        self.peak_dense_bytes = 0
         calls.entered.append(self._model_called)
 
     # -- attaching -------------------------------------------------------------
 
     def attach(self, model: nn.Module) -> bool:
-        """Snapshot ``model``'s decoder linears and hook its blocks; False (and a warning) if unsupported."""
+        """Fingerprint ``model``'s decoder linears and hook its blocks; False (and a warning) if unsupported.
+
+        No dense weights are copied here: see the module docstring for when the seam holds them."""
         try:
             adapter = get_adapter(model)
         except ValueError as err:
@@ -156,7 +259,8 @@ class HostSeam:
             owners = {rel: group[0] for group in input_groups(block) for rel in group}
             states = {
                 rel: LinearState(name=f"{prefix}.{i}.{rel}", rel=rel, module=lin, owner=owners[rel],
-                                 dense=lin.weight.detach().to("cpu", copy=True), seen_zeros=_zeros(lin.weight))
+                                 ref=fingerprint(lin.weight), ref_zeros=row_zeros(lin.weight),
+                                 ref_dtype=lin.weight.dtype)
                 for rel, lin in linears.items()
             }
             st = BlockState(index=i, block=block, linears=states)
@@ -165,10 +269,62 @@ class HostSeam:
             for owner in sorted(set(owners.values())):
                 self._handles.append(linears[owner].register_forward_hook(self._collector(st, owner)))
         n = sum(len(st.linears) for st in self.blocks)
-        mb = sum(ls.dense.numel() * ls.dense.element_size() for st in self.blocks for ls in st.linears.values()) / 2**20
-        log.info("optima-host: watching %d linears in %d blocks of %s (dense snapshot %.0f MB on CPU)",
-                 n, len(self.blocks), type(model).__name__, mb)
+        mb = max(self.block_bytes(st) for st in self.blocks) / 2**20 if self.blocks else 0.0
+        self.checkpoint = CheckpointWeights.of(model)
+        log.info("optima-host: watching %d linears in %d blocks of %s (dense weights: one block at a time, "
+                 "at most %.1f MB on CPU)", n, len(self.blocks), type(model).__name__, mb)
+        if self.checkpoint is None:
+            log.info("optima-host: no local safetensors for %r: dense weights come only from a one-block copy "
+                     "(%.1f MB on CPU) taken at the host's first call of each block; a linear pruned before "
+                     "the host calls its block (magnitude paths) keeps the host's weights",
+                     getattr(model, "name_or_path", ""), mb)
         return True
+
+    # -- dense weights ---------------------------------------------------------
+
+    @staticmethod
+    def block_bytes(st: BlockState) -> int:
+        """Bytes of ``st``'s linears' weights (one block's dense copy, at most)."""
+        return sum(ls.module.weight.numel() * ls.module.weight.element_size() for ls in st.linears.values())
+
+    def dense_bytes(self) -> int:
+        """Bytes of dense weights the seam holds now."""
+        return sum(ls.dense.numel() * ls.dense.element_size() for st in self.blocks for ls in st.linears.values()
+                   if ls.dense is not None)
+
+    def _hold(self, ls: LinearState, dense: Tensor) -> Tensor:
+        ls.dense = dense
+        self.peak_dense_bytes = max(self.peak_dense_bytes, self.dense_bytes())
+        return dense
+
+    def _enter(self, st: BlockState) -> None:
+        """The host's first call of ``st``: copy its linears that are still dense (before any mask of it)."""
+        for ls in st.linears.values():
+            if ls.dense is None and not ls.handled and not ls.changed():
+                self._hold(ls, ls.module.weight.detach().to("cpu", copy=True))
+
+    def _drop(self, st: BlockState) -> None:
+        for ls in st.linears.values():
+            ls.dense = None
+
+    def _dense(self, ls: LinearState) -> Optional[Tensor]:
+        """``ls``'s dense weight: the block's copy, else the checkpoint's (held with its block), else None."""
+        if ls.dense is not None:
+            return ls.dense
+        if self.checkpoint is None:
+            return None
+        saved = self.checkpoint.get(ls.name + ".weight")
+        weight = ls.module.weight
+        if saved is None or tuple(saved.shape) != tuple(weight.shape):
+            log.warning("%s: no tensor of shape %s in the checkpoint %s", ls.name, list(weight.shape),
+                        self.checkpoint.files[0].parent)
+            return None
+        saved = saved.to(weight.dtype)
+        if not ls.handled and ls.ref_dtype == weight.dtype and not torch.equal(fingerprint(saved), ls.ref):
+            log.warning("%s: the checkpoint's weights are not the ones loaded; its dense weights are unknown",
+                        ls.name)
+            return None
+        return self._hold(ls, saved)
 
     def detach(self) -> None:
         """Remove the seam's hooks and forget the model."""
@@ -176,6 +332,7 @@ class HostSeam:
             h.remove()
         self._handles.clear()
         self.blocks.clear()
+        self.checkpoint = None
         self.model = self.adapter = None
         self._current = self.in_block = None
 
@@ -211,8 +368,10 @@ class HostSeam:
         try:
             if self._current is not None and self._current != index:
                 self._leave(self.blocks[self._current])
-            self._current = index
             st = self.blocks[index]
+            if self._current != index:
+                self._enter(st)
+            self._current = index
             changed = self._changed(st)
             if changed:
                 self._handle(st, changed)
@@ -238,7 +397,7 @@ class HostSeam:
     # -- bookkeeping -----------------------------------------------------------
 
     def _changed(self, st: BlockState) -> list[LinearState]:
-        return [ls for ls in st.linears.values() if _zeros(ls.module.weight) != ls.seen_zeros]
+        return [ls for ls in st.linears.values() if ls.changed()]
 
     def _collect(self, st: BlockState, reset: bool) -> None:
         owners = {ls.owner for ls in st.linears.values() if not ls.handled}
@@ -248,15 +407,15 @@ class HostSeam:
         st.collect = owners
 
     def _leave(self, st: BlockState) -> None:
-        """The host moved on to another block: handle what is left, free the block's statistics."""
+        """The host moved on from ``st``: handle what is left, free the block's statistics and dense weights."""
         changed = self._changed(st)
         if changed:
             self._handle(st, changed)
         st.accs.clear()
         st.collect = set()
-        for ls in st.linears.values():
-            if ls.handled:
-                ls.dense = None
+        self._drop(st)
+        if self._current == st.index:
+            self._current = None
 
     def _hessian(self, st: BlockState, ls: LinearState) -> Optional[Tensor]:
         acc = st.accs.get(ls.owner)
@@ -279,7 +438,22 @@ class HostSeam:
             return
         if set(pending) == {self._current}:
             self._handle(self.blocks[self._current], pending[self._current])
-        else:  # masks applied without the host's statistics pass (magnitude paths): one sequential own pass
+            return
+        # Masks applied without the host's statistics pass (magnitude paths): one sequential own pass,
+        # after the block the host is in (its Hessians, its dense copy freed: one block's dense at a time).
+        if self._current is not None:
+            self._leave(self.blocks[self._current])
+            pending = {st.index: ch for st in self.blocks if (ch := self._changed(st))}
+        if self.checkpoint is None:  # nowhere to read their dense weights from: the host's weights stay
+            lost = [ls for ch in pending.values() for ls in ch if ls.dense is None]
+            if lost:
+                log.warning("optima-host: %d linear(s) were pruned before the host called their block and no "
+                            "checkpoint on disk has their dense weights (e.g. %s); they keep the host's weights",
+                            len(lost), lost[0].name)
+            for ls in lost:
+                ls.seen()
+            pending = {i: keep for i, ch in pending.items() if (keep := [ls for ls in ch if ls.dense is not None])}
+        if pending:
             self._own_pass(pending)
 
     # -- emitting --------------------------------------------------------------
@@ -296,6 +470,8 @@ class HostSeam:
                 self._own_pass({st.index: [ls]})
             else:
                 self._emit(st, ls, hessian, pruned=pruned, dense=dense)
+            if st.index != self._current:  # read from the checkpoint for a block the host is not in: freed now
+                self._drop(st)
         finally:
             self._busy = False
 
@@ -303,12 +479,13 @@ class HostSeam:
               dense: Optional[Tensor] = None) -> None:
         t0 = time.perf_counter()
         weight = ls.module.weight
-        if dense is None and ls.dense is None:
-            log.warning("%s was pruned again after the host left its block; its dense weights are gone, "
-                        "so the host's weights stay", ls.name)
-            ls.seen_zeros = _zeros(weight)
+        dense = dense if dense is not None else self._dense(ls)
+        if dense is None:
+            log.warning("%s was pruned with no dense weights to start from (none copied before its mask, none "
+                        "in a checkpoint on disk), so the host's weights stay", ls.name)
+            ls.seen()
             return
-        dense = (dense if dense is not None else ls.dense).to(weight.device)
+        dense = dense.to(weight.device)
         host = weight.detach().clone()
         # Every zero is pruned, the dense weight's own zeros too (GGUF-dequantized weights have many): the
         # host's zero pattern is kept exactly, and no zero the host counts in its sparsity is revived.
@@ -335,7 +512,7 @@ class HostSeam:
             new, objective, accepted = host, host_objective, False
         with torch.no_grad():
             weight.data.copy_(new)
-        ls.seen_zeros = _zeros(weight)
+        ls.seen()
         ls.handled = True
         if mask_objective > 0:
             error_ratio = objective / mask_objective
@@ -385,6 +562,8 @@ class HostSeam:
                     hessians = self._dense_hessians(st, todo, inputs, kwargs[st.index])
                     for ls in todo:
                         self._emit(st, ls, hessians[ls.owner])
+                    if st.index != self._current:
+                        self._drop(st)  # one block's dense weights at a time
                 if st.index < last:
                     for j in range(inputs.shape[0]):
                         inputs[j : j + 1] = run_block(st.block, inputs[j : j + 1], kwargs[st.index])
@@ -397,9 +576,10 @@ class HostSeam:
         """Hessians of ``todo``'s inputs with their dense weights restored for the pass (host weights put back)."""
         saved = {}
         for ls in todo:
-            if ls.dense is not None:
+            dense = self._dense(ls)
+            if dense is not None:
                 saved[ls.rel] = ls.module.weight.detach().clone()
-                ls.module.weight.data.copy_(ls.dense.to(ls.module.weight.device))
+                ls.module.weight.data.copy_(dense.to(ls.module.weight.device))
         owners = sorted({ls.owner for ls in todo})
         accs, handles = attach([st.linears[o].module for o in owners], self.settings.hessian_dtype)
         try:
@@ -421,6 +601,8 @@ class HostSeam:
         ``"completed": false``, the error and the block the host was pruning (``failed_block``).
         """
         left = [ls.name for st in self.blocks for ls in self._changed(st)]
+        for st in self.blocks:
+            self._drop(st)
         if error is not None:
             log.error("optima-host: the host stopped early (%s); the report lists the %d linear(s) updated "
                       "before that", _describe(error), len(self.layers))
@@ -441,6 +623,7 @@ class HostSeam:
                 "mean_error_ratio": sum(er) / len(er) if er else None,
                 "mean_host_error_ratio": sum(host) / len(host) if host else None,
                 "not_updated": left,
+                "dense_peak_bytes": self.peak_dense_bytes,
             },
         }
         if self.layers:
