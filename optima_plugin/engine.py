@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from .allocators import AllocationContext, resolve_layer_ratios, row_summary
-from .capture import batch_kwargs, capture_block_inputs, run_block
 from .checkpoint import Checkpoint, RunInterrupted, run_identity, stop_after_block
 from .config import PruneConfig
 from .data import get_calibration
-from .hessian import attach
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
+from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
 from .plugins import get_plugin_manager, lookup
 from .solvers import get_solver
 from .solvers.problem import reconstruction_error
@@ -113,15 +112,6 @@ def warn_small_calibration(linears: dict[str, nn.Linear], nsamples: int, seqlen:
                     nsamples * seqlen, nsamples, seqlen, widest, weight_update, widest)
 
 
-@contextmanager
-def _hooks_removed(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 #: loggers whose lines about one layer (damping escalated, not converged, ...) do not know its name
 _SOLVER_LOGGERS = ("optima_plugin.solvers.reconstruct", "optima_plugin.solvers.problem")
 
@@ -149,20 +139,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """``NonFiniteError`` naming ``what`` when ``tensor`` holds NaN or Inf."""
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        nan = int(torch.isnan(tensor).sum())
-        raise NonFiniteError(f"{what} hold{'s' if not what.endswith('s') else ''} {nan} NaN and "
-                             f"{int(bad.sum()) - nan} infinite value(s); check the model's weights and dtype "
-                             "(float16 overflows where bfloat16 does not)")
-
-
-class NonFiniteError(ValueError):
-    """NaN or Inf in weights, Hessians or block outputs; the message names the layer."""
 
 
 def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True) -> dict:
@@ -227,12 +203,12 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
             ratios = _layer_ratios(None, pattern, linears, allocator, model, adapter, config, tokens, device,
                                    offload, progress)
         t_alloc = time.perf_counter() - t_alloc
-        storage = torch.device("cpu") if offload else device
-        inputs, block_kwargs = capture_block_inputs(
-            adapter, tokens, device=device, batch_size=config.batch_size, storage_device=storage
-        )
+        pipe = BlockPipeline(adapter, device=device, batch_size=config.batch_size,
+                             storage=torch.device("cpu") if offload else device,
+                             offload="cpu" if offload else None, oom_backoff=oom_backoff)
+        inputs = pipe.capture(tokens)
         if resume and start < num_blocks:
-            inputs = checkpoint.inputs(start).to(device=storage, dtype=inputs.dtype)
+            pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
         check_finite(inputs, "the inputs of block 0 (the embedding outputs)" if start == 0
                      else f"the checkpoint's inputs of block {start}")
         t_capture = time.perf_counter() - t_start - t_alloc
@@ -247,29 +223,25 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                 t_block = time.perf_counter()
                 seed_everything(config.seed + i)  # each block's randomness independent of the blocks before it
                 pm.hook.optima_block_started(index=i, num_blocks=num_blocks)
-                block.to(device)
-                names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
-                todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
-                groups = input_groups(block)
-                hessians = {} if config.input_recalc else _block_hessians(
-                    block, todo, groups, inputs, block_kwargs[i], config, device, hdtype, i, names, oom_backoff)
-                for rel, lin in todo.items():
-                    if rel not in hessians:  # --input_recalc: this input group's Hessian, after the linears before it
-                        group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
-                        hessians = _block_hessians(block, group, groups, inputs, block_kwargs[i], config, device,
-                                                   hdtype, i, names, oom_backoff)
-                    with _named_solver_logs(names[rel]):
-                        result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                               selector, updater, options, row_allocator, config)
-                    pm.hook.optima_layer_done(result=result)
-                del hessians
-                _propagate(block, inputs, block_kwargs[i], config.batch_size, device, i, oom_backoff)
-                check_finite(inputs, f"the outputs of block {i} ({prefix}.{i})")
-                if offload:
-                    block.to("cpu")
+                with pipe.onloaded(i) as block:
+                    names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
+                    todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
+                    groups = input_groups(block)
+                    hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype, names)
+                    for rel, lin in todo.items():
+                        if rel not in hessians:  # --input_recalc: this input group's Hessian, after those before it
+                            group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
+                            hessians = pipe.hessians(i, block, group, groups, hdtype, names)
+                        with _named_solver_logs(names[rel]):
+                            result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
+                                                   selector, updater, options, row_allocator, config)
+                        pm.hook.optima_layer_done(result=result)
+                    del hessians
+                    pipe.propagate(i, block)
+                    check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
                 seconds = time.perf_counter() - t_block
                 if checkpoint is not None:
-                    checkpoint.save(i, block, inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
+                    checkpoint.save(i, block, pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
                                     ratios=ratios, layers=observers[1].layers,
                                     block_seconds=observers[1].block_seconds + [seconds], oom_backoff=oom_backoff)
                 pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
@@ -339,50 +311,6 @@ def summarize(layers: list) -> dict:
             "mean_error_ratio": sum(ratios) / len(ratios) if ratios else None}
 
 
-def _block_hessians(block, todo, groups, inputs, kwargs, config, device, dtype, index, names, oom_backoff) -> dict:
-    """Pass 1: one streamed Hessian per distinct input of the linears in ``todo``.
-
-    On out-of-memory the pass starts over with half the batch (down to 1), logged
-    and recorded in ``oom_backoff``. Non-finite Hessians stop the run naming the layer.
-    """
-    owners = {}  # linear rel name -> the group member the hook sits on
-    for group in groups:
-        members = [g for g in group if g in todo]
-        for g in members:
-            owners[g] = members[0]
-    for rel in todo:
-        owners.setdefault(rel, rel)
-    hooked = sorted(set(owners.values()))
-    batch = config.batch_size
-    while True:
-        accs, handles = attach([todo[rel] for rel in hooked], dtype)
-        try:
-            with _hooks_removed(handles), torch.no_grad():
-                for start in range(0, inputs.shape[0], batch):
-                    chunk = inputs[start : start + batch].to(device)
-                    run_block(block, chunk, batch_kwargs(kwargs, config.batch_size, chunk.shape[0]))
-            break
-        except torch.OutOfMemoryError:
-            del accs
-            batch = _halve(batch, f"the statistics pass of block {index}", device)
-            oom_backoff.append({"block": index, "pass": "hessian", "batch": batch})
-    by_owner = dict(zip(hooked, accs))
-    for rel in todo:
-        check_finite(by_owner[owners[rel]].hessian, f"{names[rel]}: its input Hessian")
-    return {rel: by_owner[owners[rel]].hessian for rel in todo}
-
-
-def _halve(batch: int, what: str, device: torch.device) -> int:
-    """The batch after an out-of-memory error in ``what``; re-raises at batch 1."""
-    if batch == 1:
-        raise torch.OutOfMemoryError(f"out of memory in {what} even with one calibration window per forward; "
-                                     "use --offload, a shorter --seqlen or a larger device")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    log.warning("out of memory in %s with %d windows per forward; retrying with %d", what, batch, batch // 2)
-    return batch // 2
-
-
 def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options,
                   row_allocator=None, config=None) -> LayerResult:
     t0 = time.perf_counter()
@@ -417,22 +345,6 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         objective=objective, mask_objective=mask_objective, accepted=accepted,
         seconds=time.perf_counter() - t0, update=upd.stats, rows=rows, selection=selection.stats,
     )
-
-
-def _propagate(block, inputs, kwargs, batch_size, device, index, oom_backoff) -> None:
-    """Pass 2: replace ``inputs`` in place by the pruned block's outputs (halving the batch on out-of-memory)."""
-    start, batch = 0, batch_size
-    with torch.no_grad():
-        while start < inputs.shape[0]:
-            try:
-                chunk = inputs[start : start + batch].to(device)
-                out = run_block(block, chunk, batch_kwargs(kwargs, batch_size, chunk.shape[0]))
-            except torch.OutOfMemoryError:
-                batch = _halve(batch, f"the output pass of block {index}", device)
-                oom_backoff.append({"block": index, "pass": "propagate", "batch": batch})
-                continue
-            inputs[start : start + batch] = out.to(inputs.device, inputs.dtype)
-            start += batch
 
 
 def _sparsity(linears) -> float:

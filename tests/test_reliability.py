@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from optima_plugin import cli, engine, hookimpl, prune
+from optima_plugin import cli, engine, hookimpl, pipeline, prune
 from optima_plugin.checkpoint import RunInterrupted
 from optima_plugin.engine import NonFiniteError
 from optima_plugin.plugins import get_plugin_manager
@@ -348,7 +348,7 @@ def test_cli_ctrl_c_without_checkpoint_says_nothing_saved(tiny_dir, capsys, monk
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "capture_block_inputs", interrupt)
+    monkeypatch.setattr(pipeline, "capture_block_inputs", interrupt)
     rc = cli.main(["--model", str(tiny_dir), "--seqlen", "32", "--nsamples", "2", "--quiet"])
     assert rc == 130 and "nothing was saved" in capsys.readouterr().err
 
@@ -408,14 +408,14 @@ def test_out_of_memory_halves_the_batch(tokenizer, monkeypatch):
     single = copy.deepcopy(base)
     prune(single, tokenizer, batch_size=1, **FAST)
 
-    real = engine.run_block
+    real = pipeline.run_block
 
     def small_device(block, hidden, kwargs):
         if hidden.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(block, hidden, kwargs)
 
-    monkeypatch.setattr(engine, "run_block", small_device)
+    monkeypatch.setattr(pipeline, "run_block", small_device)
     model = copy.deepcopy(base)
     report = prune(model, tokenizer, batch_size=4, **FAST)
     passes = {(x["pass"], x["batch"]) for x in report["oom_backoff"]}
@@ -429,6 +429,6 @@ def test_out_of_memory_at_batch_one_explains(tokenizer, monkeypatch):
     def no_memory(block, hidden, kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(engine, "run_block", no_memory)
+    monkeypatch.setattr(pipeline, "run_block", no_memory)
     with pytest.raises(torch.OutOfMemoryError, match="even with one calibration window"):
         prune(tiny_model("llama"), tokenizer, batch_size=2, **FAST)

@@ -1,0 +1,178 @@
+"""One block pipeline: the loop every calibration pass of a decoder-only model shares.
+
+    pipe = BlockPipeline(adapter, device=..., batch_size=..., storage=..., offload=...)
+    pipe.capture(tokens)                      # block-0 inputs, every block's call kwargs
+    for i in ...:
+        with pipe.onloaded(i) as block:       # onload; offload after
+            stats = pipe.statistics(i, block, {key: module}, make)   # forward hooks, one pass
+            ...per-linear work...
+            pipe.propagate(i, block)          # the block's outputs become the next inputs
+
+Users: the engine (:func:`~optima_plugin.engine.prune_model`), the OWL statistics pass
+(:mod:`optima_plugin.allocators.statistics`) and the host seam's own pass
+(:meth:`optima_plugin.host.seam.HostSeam._own_pass`). Forward hooks are registered and
+removed here only (:func:`hooked`); out of memory halves the windows per forward
+(down to one) and is recorded in ``oom_backoff``. The pipeline knows no plugin.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .capture import batch_kwargs, capture_block_inputs, run_block
+from .hessian import HessianAccumulator
+from .models import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf in weights, Hessians or block outputs; the message names the layer."""
+
+
+def check_finite(tensor: Tensor, what: str) -> None:
+    """``NonFiniteError`` naming ``what`` when ``tensor`` holds NaN or Inf."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        nan = int(torch.isnan(tensor).sum())
+        raise NonFiniteError(f"{what} hold{'s' if not what.endswith('s') else ''} {nan} NaN and "
+                             f"{int(bad.sum()) - nan} infinite value(s); check the model's weights and dtype "
+                             "(float16 overflows where bfloat16 does not)")
+
+
+@contextmanager
+def hooked(modules: dict, make: Callable[[], object]) -> Iterator[dict]:
+    """One accumulator ``make()`` per module (its ``hook`` a forward hook), removed on exit: ``{key: acc}``."""
+    accs, handles = {}, []
+    try:
+        for key, module in modules.items():
+            accs[key] = make()
+            handles.append(module.register_forward_hook(accs[key].hook))
+        yield accs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def halve(batch: int, what: str, device: torch.device) -> int:
+    """The batch after an out-of-memory error in ``what``; re-raises at batch 1."""
+    if batch == 1:
+        raise torch.OutOfMemoryError(f"out of memory in {what} even with one calibration window per forward; "
+                                     "use --offload, a shorter --seqlen or a larger device")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.warning("out of memory in %s with %d windows per forward; retrying with %d", what, batch, batch // 2)
+    return batch // 2
+
+
+def input_owners(todo, groups) -> dict:
+    """``{linear: the linear whose forward hook sees its input}``: one per distinct input (q/k/v share one)."""
+    owners = {}
+    for group in groups:
+        members = [g for g in group if g in todo]
+        for g in members:
+            owners[g] = members[0]
+    for rel in todo:
+        owners.setdefault(rel, rel)
+    return owners
+
+
+class BlockPipeline:
+    """Capture → per block: onload, statistics pass (hooks), caller's work, propagate, offload.
+
+    Args:
+        device: where the blocks run.
+        batch_size: calibration windows per forward (the captured kwargs are for this many).
+        storage: where the ``(n, seqlen, hidden)`` block inputs are kept.
+        offload: where a block goes after its turn; None: back where it was.
+        oom_backoff: list the out-of-memory back-offs are appended to (``{block, pass, batch}``).
+    """
+
+    def __init__(self, adapter: ModelAdapter, *, device: torch.device, batch_size: int = 1,
+                 storage: Optional[torch.device] = None, offload: Optional[torch.device | str] = None,
+                 oom_backoff: Optional[list] = None) -> None:
+        self.adapter = adapter
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.storage = torch.device(storage) if storage is not None else self.device
+        self.offload = offload
+        self.oom_backoff = oom_backoff if oom_backoff is not None else []
+        self.inputs: Optional[Tensor] = None
+        self.kwargs: list = []
+
+    def capture(self, tokens: Tensor) -> Tensor:
+        """Block-0 inputs of ``tokens`` and every block's call kwargs (one dense pass); returns the inputs."""
+        self.inputs, self.kwargs = capture_block_inputs(self.adapter, tokens, device=self.device,
+                                                        batch_size=self.batch_size, storage_device=self.storage)
+        return self.inputs
+
+    @contextmanager
+    def onloaded(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` on the device for the body, then offloaded (or put back where it was)."""
+        block = self.adapter.blocks[index]
+        home = next(block.parameters()).device
+        block.to(self.device)
+        yield block
+        block.to(self.offload if self.offload is not None else home)
+
+    def _chunks(self, block: nn.Module, index: int, batch: int):
+        kwargs = self.kwargs[index]
+        for start in range(0, self.inputs.shape[0], batch):
+            chunk = self.inputs[start : start + batch].to(self.device)
+            yield start, run_block(block, chunk, batch_kwargs(kwargs, self.batch_size, chunk.shape[0]))
+
+    def statistics(self, index: int, block: nn.Module, modules: dict, make: Callable[[], object],
+                   *, outputs: bool = False) -> dict:
+        """One pass of block ``index`` over all windows with an accumulator on each module: ``{key: acc}``.
+
+        Out of memory starts the pass over with fresh accumulators and half the batch.
+        ``outputs``: the same pass also replaces the inputs by the block's outputs (a dense
+        pass whose statistics do not change the block); it cannot start over, so no back-off.
+        """
+        batch = self.batch_size
+        with torch.no_grad():
+            while True:
+                try:
+                    with hooked(modules, make) as accs:
+                        for start, out in self._chunks(block, index, batch):
+                            if outputs:
+                                self.inputs[start : start + batch] = out.to(self.inputs.device, self.inputs.dtype)
+                    return accs
+                except torch.OutOfMemoryError:
+                    if outputs:
+                        raise
+                    accs = None
+                    batch = halve(batch, f"the statistics pass of block {index}", self.device)
+                    self.oom_backoff.append({"block": index, "pass": "hessian", "batch": batch})
+
+    def hessians(self, index: int, block: nn.Module, todo: dict, groups, dtype: torch.dtype,
+                 names: Optional[dict] = None) -> dict:
+        """``{rel: H}``: one streamed Hessian per distinct input of the linears in ``todo``; non-finite ones
+        stop the run naming the layer (``names[rel]``)."""
+        owners = input_owners(todo, groups)
+        hooked_on = {rel: todo[rel] for rel in sorted(set(owners.values()))}
+        accs = self.statistics(index, block, hooked_on, lambda: HessianAccumulator(dtype))
+        for rel in todo:
+            check_finite(accs[owners[rel]].hessian, f"{(names or {}).get(rel, rel)}: its input Hessian")
+        return {rel: accs[owners[rel]].hessian for rel in todo}
+
+    def propagate(self, index: int, block: nn.Module) -> None:
+        """Replace the inputs in place by block ``index``'s outputs (halving the batch on out-of-memory)."""
+        inputs, kwargs = self.inputs, self.kwargs[index]
+        start, batch = 0, self.batch_size
+        with torch.no_grad():
+            while start < inputs.shape[0]:
+                try:
+                    chunk = inputs[start : start + batch].to(self.device)
+                    out = run_block(block, chunk, batch_kwargs(kwargs, self.batch_size, chunk.shape[0]))
+                except torch.OutOfMemoryError:
+                    batch = halve(batch, f"the output pass of block {index}", self.device)
+                    self.oom_backoff.append({"block": index, "pass": "propagate", "batch": batch})
+                    continue
+                inputs[start : start + batch] = out.to(inputs.device, inputs.dtype)
+                start += batch
