@@ -1,11 +1,11 @@
 """The dense statistics pass of activation-aware layer allocators (OWL).
 
 Calibration inputs go through the *dense* blocks once, before pruning: block-0
-inputs are captured (:func:`~optima_plugin.capture.capture_block_inputs`), then
-each block is onloaded, run once over all windows with forward hooks that sum
-``x_j²`` per input column of each of its linears, and its outputs become the next
-block's inputs in the same pass. Cost: one dense forward of the calibration set
-through the decoder blocks (no Hessians, ``O(tokens · d)`` per hook), about a
+inputs are captured, then each block is onloaded, run once over all windows with
+forward hooks that sum ``x_j²`` per input column of each of its linears, and its
+outputs become the next block's inputs in the same pass (the shared
+:class:`~optima_plugin.pipeline.BlockPipeline`, an ``outputs=True`` statistics
+pass). Cost: one dense forward of the calibration set through the decoder blocks (no Hessians, ``O(tokens · d)`` per hook), about a
 third of the pruning passes' forward work; memory: the ``(n, seqlen, hidden)``
 block inputs once more, freed before pruning starts.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..capture import capture_block_inputs, run_block
+from ..pipeline import BlockPipeline
 from .base import AllocationContext, linears_by_block
 
 log = logging.getLogger(__name__)
@@ -55,30 +55,15 @@ def dense_input_norms(context: AllocationContext) -> dict[str, Tensor]:
     if context.tokens is None:
         raise ValueError("this allocator needs calibration tokens (AllocationContext.tokens); "
                          "run it through prune() or pass tokens")
-    device = torch.device(context.device)
-    batch_size = context.option("batch_size")
-    storage = torch.device("cpu") if context.offload else device
-    adapter = context.adapter
-    inputs, kwargs = capture_block_inputs(adapter, context.tokens, device=device, batch_size=batch_size,
-                                          storage_device=storage)
+    storage = torch.device("cpu") if context.offload else torch.device(context.device)
+    pipe = BlockPipeline(context.adapter, device=context.device, batch_size=context.option("batch_size"),
+                         storage=storage)
+    pipe.capture(context.tokens)
     norms: dict[str, Tensor] = {}
     groups = linears_by_block(context)
     last = max((i for i, g in enumerate(groups) if g), default=-1)
-    with torch.no_grad():
-        for i in tqdm(range(last + 1), desc="dense statistics", unit="block", disable=not context.progress):
-            block = adapter.blocks[i]
-            home = next(block.parameters()).device
-            block.to(device)
-            accs = {name: ColumnNorms() for name in groups[i]}
-            handles = [lin.register_forward_hook(accs[name].hook) for name, lin in groups[i].items()]
-            try:
-                for start in range(0, inputs.shape[0], batch_size):
-                    out = run_block(block, inputs[start : start + batch_size].to(device), kwargs[i])
-                    inputs[start : start + batch_size] = out.to(inputs.device, inputs.dtype)
-            finally:
-                for h in handles:
-                    h.remove()
-            block.to(home)
-            norms.update({name: acc.mean.cpu() for name, acc in accs.items()})
-    del inputs
+    for i in tqdm(range(last + 1), desc="dense statistics", unit="block", disable=not context.progress):
+        with pipe.onloaded(i) as block:
+            accs = pipe.statistics(i, block, groups[i], ColumnNorms, outputs=True)
+        norms.update({name: acc.mean.cpu() for name, acc in accs.items()})
     return norms
