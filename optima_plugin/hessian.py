@@ -1,8 +1,9 @@
-"""Streaming input Hessians ``H = mean x xᵀ`` through forward hooks (no stored activations)."""
+"""Streaming input Hessians ``H = mean x xᵀ`` through forward hooks (no stored activations).
+
+The hooks are registered and removed by :func:`optima_plugin.pipeline.hooked`.
+"""
 
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -35,12 +36,3 @@ class HessianAccumulator:
         """``register_forward_hook`` callback: accumulate the module's first input."""
         self.add(inputs[0])
 
-
-def attach(modules: Iterable[nn.Module], dtype: torch.dtype = torch.float32):
-    """Attach one accumulator to each module; return ``(accumulators, handles)``."""
-    accs, handles = [], []
-    for m in modules:
-        acc = HessianAccumulator(dtype)
-        accs.append(acc)
-        handles.append(m.register_forward_hook(acc.hook))
-    return accs, handles

@@ -52,12 +52,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..capture import capture_block_inputs, run_block
 from ..data import get_calibration
 from ..engine import LayerResult, blocks_path, resolve_device
 from ..files import write_json
-from ..hessian import HessianAccumulator, attach
+from ..hessian import HessianAccumulator
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
+from ..pipeline import BlockPipeline
 from ..plugins import get_plugin_manager, lookup
 from ..solvers.problem import reconstruction_error
 from .selection import reselect
@@ -548,31 +548,26 @@ class HostSeam:
         """Capture block inputs, then for each block up to the last pending one: Hessians of the
         pending linears with their dense weights, emit, and propagate the block's outputs."""
         t0 = time.perf_counter()
-        device = resolve_device(self.settings.device)
-        tokens = self._calibration()
-        inputs, kwargs = capture_block_inputs(self.adapter, tokens, device=device, batch_size=1,
-                                              storage_device=device)
+        pipe = BlockPipeline(self.adapter, device=resolve_device(self.settings.device), batch_size=1)
+        pipe.capture(self._calibration())
         last = max(pending)
         with torch.no_grad():
             for st in self.blocks[: last + 1]:
-                home = next(st.block.parameters()).device
-                st.block.to(device)
-                todo = pending.get(st.index, [])
-                if todo:
-                    hessians = self._dense_hessians(st, todo, inputs, kwargs[st.index])
-                    for ls in todo:
-                        self._emit(st, ls, hessians[ls.owner])
-                    if st.index != self._current:
-                        self._drop(st)  # one block's dense weights at a time
-                if st.index < last:
-                    for j in range(inputs.shape[0]):
-                        inputs[j : j + 1] = run_block(st.block, inputs[j : j + 1], kwargs[st.index])
-                st.block.to(home)
+                with pipe.onloaded(st.index):
+                    todo = pending.get(st.index, [])
+                    if todo:
+                        hessians = self._dense_hessians(pipe, st, todo)
+                        for ls in todo:
+                            self._emit(st, ls, hessians[ls.owner])
+                        if st.index != self._current:
+                            self._drop(st)  # one block's dense weights at a time
+                    if st.index < last:
+                        pipe.propagate(st.index, st.block)
         self.own_passes.append({"blocks": sorted(pending), "seconds": time.perf_counter() - t0})
         log.info("optima-host: own statistics pass for %d block(s) in %.1f s", len(pending),
                  time.perf_counter() - t0)
 
-    def _dense_hessians(self, st: BlockState, todo: list[LinearState], inputs: Tensor, kwargs: dict) -> dict:
+    def _dense_hessians(self, pipe: BlockPipeline, st: BlockState, todo: list[LinearState]) -> dict:
         """Hessians of ``todo``'s inputs with their dense weights restored for the pass (host weights put back)."""
         saved = {}
         for ls in todo:
@@ -580,17 +575,14 @@ class HostSeam:
             if dense is not None:
                 saved[ls.rel] = ls.module.weight.detach().clone()
                 ls.module.weight.data.copy_(dense.to(ls.module.weight.device))
-        owners = sorted({ls.owner for ls in todo})
-        accs, handles = attach([st.linears[o].module for o in owners], self.settings.hessian_dtype)
+        owners = {o: st.linears[o].module for o in sorted({ls.owner for ls in todo})}
+        dtype = self.settings.hessian_dtype
         try:
-            for j in range(inputs.shape[0]):
-                run_block(st.block, inputs[j : j + 1], kwargs)
+            accs = pipe.statistics(st.index, st.block, owners, lambda: HessianAccumulator(dtype))
         finally:
-            for h in handles:
-                h.remove()
             for rel, weight in saved.items():
                 st.linears[rel].module.weight.data.copy_(weight)
-        return {o: acc.hessian for o, acc in zip(owners, accs)}
+        return {o: acc.hessian for o, acc in accs.items()}
 
     # -- the end ---------------------------------------------------------------
 
