@@ -1,0 +1,72 @@
+"""The one block pipeline: hooks in one place, out-of-memory back-off, the same inputs for every user."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optima_plugin import pipeline
+from optima_plugin.data import get_calibration
+from optima_plugin.hessian import HessianAccumulator
+from optima_plugin.models import block_linears, get_adapter, input_groups
+from optima_plugin.pipeline import BlockPipeline, hooked
+from optima_plugin.testing import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return get_calibration("pydoc", tiny_tokenizer(), 4, 32, 0)
+
+
+def _pipe(model, tokens, batch_size=2):
+    pipe = BlockPipeline(get_adapter(model), device=torch.device("cpu"), batch_size=batch_size)
+    pipe.capture(tokens)
+    return pipe
+
+
+def _hooks(block) -> int:
+    return sum(len(m._forward_hooks) for m in block.modules())
+
+
+def test_hooks_are_removed_even_when_the_pass_fails():
+    lin = torch.nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooked({"a": lin}, lambda: HessianAccumulator()):
+            assert len(lin._forward_hooks) == 1
+            raise RuntimeError("boom")
+    assert len(lin._forward_hooks) == 0
+
+
+def test_hessians_count_every_token_once_after_an_out_of_memory_restart(tokens, monkeypatch):
+    model = tiny_model("llama")
+    pipe = _pipe(model, tokens)
+    real = pipeline.run_block
+
+    def small_device(block, hidden, kwargs):
+        if hidden.shape[0] > 1:
+            raise torch.OutOfMemoryError("injected")
+        return real(block, hidden, kwargs)
+
+    with pipe.onloaded(0) as block:
+        todo = block_linears(block)
+        want = pipe.hessians(0, block, todo, input_groups(block), torch.float64)
+        monkeypatch.setattr(pipeline, "run_block", small_device)
+        got = pipe.statistics(0, block, {"q": todo["self_attn.q_proj"]}, lambda: HessianAccumulator(torch.float64))
+    assert _hooks(block) == 0
+    assert got["q"].tokens == tokens.numel()
+    assert pipe.oom_backoff == [{"block": 0, "pass": "hessian", "batch": 1}]
+    torch.testing.assert_close(got["q"].hessian, want["self_attn.q_proj"])
+    assert want["self_attn.q_proj"] is want["self_attn.k_proj"]  # one Hessian per distinct input
+
+
+def test_statistics_with_outputs_equals_statistics_then_propagate(tokens):
+    model = tiny_model("llama")
+    one, two = _pipe(model, tokens), _pipe(model, tokens)
+    for i in range(2):
+        with one.onloaded(i) as block:
+            a = one.statistics(i, block, block_linears(block), HessianAccumulator, outputs=True)
+        with two.onloaded(i) as block:
+            b = two.statistics(i, block, block_linears(block), HessianAccumulator)
+            two.propagate(i, block)
+        assert all(torch.equal(a[k].hessian, b[k].hessian) for k in a)
+    assert torch.equal(one.inputs, two.inputs)
