@@ -15,7 +15,7 @@ import torch
 from .checkpoint import RunInterrupted
 from .config import PruneConfig
 from .evaluation.zero_shot import DEFAULT_TASKS
-from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager, registry
+from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
 
 log = logging.getLogger("optima_plugin")
 
@@ -203,18 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         source, gguf_file = _model_source(args)
         options["model_path"] = source
         config = PruneConfig.from_options(**options)  # every option, input and output path, before the load
-        # Check names before the (slow) model load.
-        for kind, name, flag in (("selectors", config.prune_method, "--prune_method"),
-                                 ("updaters", config.weight_update, "--weight_update"),
-                                 ("allocators", config.allocation, "--allocation")):
-            known = registry(kind)
-            if name not in known:
-                raise ValueError(f"unknown {flag} {name!r}; known: {', '.join(sorted(known))}")
         from .api import prune
         from .engine import resolve_device
-        from .solvers import get_solver
 
-        get_solver(config.solver)
         resolve_device(config.device)
         if config.eval_zero_shot:
             from .evaluation.zero_shot import task_manager

@@ -120,6 +120,9 @@ class PruneConfig:
         if isinstance(self.eval_ppl, str):
             self.eval_ppl = [s for s in self.eval_ppl.split(",") if s]
         self._validate_allocation()
+        self._validate_names()
+        if self.nsamples % self.batch_size:
+            raise ValueError(f"--nsamples {self.nsamples} must be a multiple of --batch_size {self.batch_size}")
         if isinstance(self.eval_zero_shot, str):
             self.eval_zero_shot = [s.strip() for s in self.eval_zero_shot.split(",") if s.strip()]
         if self.eval_batch_size < 1:
@@ -194,6 +197,18 @@ class PruneConfig:
         for flag in ("save_layer_ratio", "load_layer_ratio"):
             if getattr(self, flag):
                 check_suffix(getattr(self, flag), f"--{flag}")
+
+    def _validate_names(self) -> None:
+        """The selector, updater, allocators and solver are registered (after the host aliases)."""
+        from .plugins import lookup
+        from .solvers import get_solver
+
+        lookup("selectors", self.prune_method, "--prune_method")
+        lookup("updaters", self.weight_update, "--weight_update")
+        lookup("allocators", self.allocation, "--allocation")
+        if self.row_allocation:
+            lookup("row_allocators", self.row_allocation, "--use_trim")
+        get_solver(self.solver)
 
     def to_dict(self) -> dict:
         """Every option by name, the plugins' among them (the report's ``options``, the checkpoint's identity)."""

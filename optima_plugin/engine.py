@@ -33,7 +33,6 @@ from .data import get_calibration
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
 from .plugins import get_plugin_manager, lookup
-from .solvers import get_solver
 from .solvers.problem import reconstruction_error
 from .updaters import UpdateOptions
 
@@ -153,17 +152,13 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     """
     from .observers import ProgressObserver, ReportObserver
 
-    config.validate()
+    config.validate()  # every option and name; the lookups below cannot fail
     seed_everything(config.seed)
     pattern = config.pattern
     selector = lookup("selectors", config.prune_method, "--prune_method")
     updater = lookup("updaters", config.weight_update, "--weight_update")
     allocator = lookup("allocators", config.allocation, "--allocation")
     row_allocator = lookup("row_allocators", config.row_allocation, "--use_trim") if config.row_allocation else None
-    if config.weight_update == "optima":
-        get_solver(config.solver)
-    if config.nsamples % config.batch_size:
-        raise ValueError(f"--nsamples {config.nsamples} must be a multiple of --batch_size {config.batch_size}")
     device = resolve_device(config.device)
     offload = config.offload if config.offload is not None else device.type == "cuda"
     adapter = get_adapter(model)
