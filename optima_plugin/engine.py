@@ -323,9 +323,10 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
     mask_only = dense.masked_fill(selection.pruned, 0)
     accepted = True
     objective = mask_objective = error_ratio = None
-    if hessian is not None:
-        mask_objective = reconstruction_error(dense, mask_only, hessian)
-        objective = reconstruction_error(dense, new, hessian)
+    if hessian is not None:  # the updater's own figures when it measured them (one r x d x d product each)
+        mask_objective = upd.mask_objective if upd.mask_objective is not None else \
+            reconstruction_error(dense, mask_only, hessian)
+        objective = upd.objective if upd.objective is not None else reconstruction_error(dense, new, hessian)
         if objective > mask_objective:  # keep the better of before/after
             log.warning("%s: update is worse than the mask alone (%.4g > %.4g); keeping the mask only",
                         name, objective, mask_objective)

@@ -167,3 +167,25 @@ def test_warns_when_calibration_tokens_are_fewer_than_a_layer_input(tokenizer, c
         prune(tiny_model("llama"), tokenizer, nsamples=1, seqlen=16, calibration_dataset="pydoc",
               weight_update="none", progress=False)
     assert "calibration tokens" not in caplog.text
+
+
+def test_optima_objectives_are_measured_once_and_equal_the_engines(tokenizer, monkeypatch):
+    from optima_plugin import engine, reconstruct
+    from optima_plugin.solvers.problem import reconstruction_error
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(512, 128)
+    h = x.T @ x / 512
+    h[0, 1] += 1e-3  # an accumulated H is not exactly symmetric
+    pruned = torch.rand(64, 128) < 0.5
+    res = reconstruct(w, pruned, h)
+    assert res.objective == reconstruction_error(w, res.weight, h)
+    assert res.mask_objective == reconstruction_error(w, w.masked_fill(pruned, 0), h)
+
+    def recompute(*args):
+        raise AssertionError("the optima update's objectives were computed again")
+
+    monkeypatch.setattr(engine, "reconstruction_error", recompute)
+    report = prune(tiny_model("llama"), tokenizer, weight_update="optima", progress=False, **FAST)
+    assert all(layer["objective"] is not None for layer in report["layers"])

@@ -43,7 +43,8 @@ class Problem:
     Attributes:
         weight: ``r x d`` dense weights to reconstruct.
         pruned: bool ``r x d``, True = pruned.
-        hessian: ``d x d`` undamped Hessian (used for reported figures).
+        hessian: ``d x d`` undamped Hessian as given, not symmetrised (used for the reported
+            figures only, so that they equal :func:`reconstruction_error`'s).
         damped: ``d x d`` damped Hessian the solvers minimise with.
         damp: the relative damp ``damped`` was built with.
         cache: factorisations of ``damped``, shared by every row subset of the problem.
@@ -179,9 +180,9 @@ def prepare(
     dtype = torch.float64 if double_precision else torch.float32
     w = weight.detach().to(dtype=dtype, copy=True)
     h = hessian.detach().to(device=w.device, dtype=dtype)
-    h = 0.5 * (h + h.T)  # tolerate accumulation asymmetry
     m = pruned.to(w.device)
-    return Problem(weight=w, pruned=m, hessian=h, damped=damp_hessian(h, damp), damp=damp)
+    # the solvers' damped H tolerates accumulation asymmetry; the figures use H as given
+    return Problem(weight=w, pruned=m, hessian=h, damped=damp_hessian(0.5 * (h + h.T), damp), damp=damp)
 
 
 def cholesky_checked(matrix: Tensor, what: str = "damped Hessian", *, upper: bool = False) -> Tensor:
@@ -227,7 +228,7 @@ def figures(problem: Problem, delta: Tensor) -> Figures:
     ``δ Hd = δ H + δ ∘ (Hd - H)_diag`` because damping only touches the diagonal.
     """
     prod = delta @ problem.hessian
-    objective = float((prod * delta).sum())
+    objective = float((prod * delta).sum(dim=1).sum())  # summed as reconstruction_error sums it: the same float
     shift = problem.damped.diagonal() - problem.hessian.diagonal()
     stationarity = (prod + delta * shift).masked_fill(problem.pruned, 0.0)
     return Figures(objective, float(stationarity.norm()))

@@ -19,10 +19,17 @@ from ..solvers import reconstruct
 
 @dataclass
 class Update:
-    """An updater's answer: ``weight`` (``r x d``, pruned entries 0) and solver stats."""
+    """An updater's answer: ``weight`` (``r x d``, pruned entries 0) and solver stats.
+
+    ``objective`` and ``mask_objective``: ``Σ_rows (ŵ - w)ᵀ H (ŵ - w)`` of ``weight`` and of
+    the mask-only weights, as :func:`~optima_plugin.solvers.problem.reconstruction_error`
+    computes them, when the updater measured them (the engine then does not again).
+    """
 
     weight: Tensor
     stats: dict = field(default_factory=dict)
+    objective: Optional[float] = None
+    mask_objective: Optional[float] = None
 
 
 @dataclass
@@ -69,7 +76,7 @@ class OptimaUpdate:
                 "mask_only_rows", "row_chunk")
         stats = {k: res.stats()[k] for k in keys}
         stats["damp_escalated"] = res.damp != options.damp
-        return Update(res.weight, stats)
+        return Update(res.weight, stats, objective=res.objective, mask_objective=res.mask_objective)
 
 
 BUILTIN_UPDATERS = [NoUpdate(), NativeUpdate(), OptimaUpdate()]
