@@ -8,6 +8,10 @@
         pass 2: recompute the block's outputs with the pruned block (next inputs)
         offload
 
+The loop itself (capture, onload, hooked statistics pass, propagate, offload,
+out-of-memory back-off) is :class:`~optima_plugin.pipeline.BlockPipeline`; the
+engine adds the per-linear work, checkpoints, Ctrl-C and the report.
+
 The engine knows no selector, allocator, updater or solver by name: it looks
 them up in the plugin registries and announces its progress through the event
 hooks (see :mod:`optima_plugin.hookspecs`).
