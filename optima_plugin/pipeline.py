@@ -117,8 +117,10 @@ class BlockPipeline:
         block = self.adapter.blocks[index]
         home = next(block.parameters()).device
         block.to(self.device)
-        yield block
-        block.to(self.offload if self.offload is not None else home)
+        try:
+            yield block
+        finally:  # also after a failure, so a caller that goes on finds the block where it was
+            block.to(self.offload if self.offload is not None else home)
 
     def _chunks(self, block: nn.Module, index: int, batch: int):
         kwargs = self.kwargs[index]

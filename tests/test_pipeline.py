@@ -70,3 +70,16 @@ def test_statistics_with_outputs_equals_statistics_then_propagate(tokens):
             two.propagate(i, block)
         assert all(torch.equal(a[k].hessian, b[k].hessian) for k in a)
     assert torch.equal(one.inputs, two.inputs)
+
+
+def test_a_failing_block_is_still_offloaded(tokens):
+    model = tiny_model("llama")
+    pipe = BlockPipeline(get_adapter(model), device=torch.device("cpu"), offload="cpu")
+    block = pipe.adapter.blocks[1]
+    moves = []
+    real_to = block.to
+    block.to = lambda *args, **kwargs: (moves.append(args[0] if args else kwargs), real_to(*args, **kwargs))[1]
+    with pytest.raises(RuntimeError, match="solver crashed"):
+        with pipe.onloaded(1):
+            raise RuntimeError("solver crashed")
+    assert moves == [torch.device("cpu"), "cpu"]  # onloaded, then offloaded despite the failure
