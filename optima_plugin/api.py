@@ -4,26 +4,30 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import nn
 
 from .checkpoint import Checkpoint
 from .config import PruneConfig
-from .engine import prune_model
+from .engine import prune_model, resolve_device
 from .evaluation import eval_ppl, eval_zero_shot
 from .evaluation.zero_shot import check_tasks
 from .files import write_json
 from .loading import save_model
 from .memory import PeakMemory
 from .sparsity import check_sparsity
+from .streaming import StreamedModel
 
 log = logging.getLogger(__name__)
 
 
-def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> dict:
+def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True, **options) -> dict:
     """Prune ``model`` in place; evaluate, save and write the report as the options say.
 
     ``options`` are :class:`PruneConfig`'s fields and the options plugins declare (OWL's
@@ -35,7 +39,19 @@ def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> d
     evaluating or saving leaves the pruned blocks there; the default folder is
     removed once everything succeeded. Returns the report dict (also written to
     ``report`` when given).
+
+    ``model`` may be a :class:`~optima_plugin.streaming.StreamedModel`
+    (:func:`~optima_plugin.streaming.open_streamed`): its blocks are read from disk one at
+    a time and written to ``save_model`` (required) as they are pruned; perplexity is
+    measured block by block.
     """
+    stream = model if isinstance(model, StreamedModel) else None
+    if stream is not None:
+        options["stream"] = True
+        model = stream.model
+    elif options.get("stream"):
+        raise ValueError("stream=True needs the model opened for streaming: "
+                         "prune(optima_plugin.streaming.open_streamed(path)[0], tokenizer, ...)")
     if options.get("model_path") is None and Path(str(getattr(model, "name_or_path", "") or "")).is_dir():
         options["model_path"] = str(model.name_or_path)
     config = PruneConfig.from_options(**options)
@@ -47,37 +63,44 @@ def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> d
         check_tasks(config.eval_zero_shot, config.tasks_dir)  # fail before the prune, not after it
     ppl: dict = {}
     zero_shot: dict = {}
+    evaluated = stream if stream is not None else model
     if config.eval_dense and config.eval_ppl:
-        ppl["dense"] = _evaluate(model, tokenizer, config)
+        ppl["dense"] = _evaluate(evaluated, tokenizer, config, progress)
     if config.eval_dense and config.eval_zero_shot:
         zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
-    t0 = time.perf_counter()
-    with PeakMemory() as mem:
-        report = prune_model(model, tokenizer, config, progress=progress)
-    report["timings"]["total_prune_seconds"] = time.perf_counter() - t0
-    report["memory"] = mem.to_dict()
-    try:
-        if config.eval_ppl:
-            ppl["pruned"] = _evaluate(model, tokenizer, config)
-            report["ppl"] = ppl
-        if config.eval_zero_shot:
-            zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
-            report["zero_shot"] = zero_shot
-        if config.save_model:
-            protected = [config.model_path] if config.model_path else []
-            save_model(model, tokenizer, config.save_model, overwrite=config.overwrite, protected=protected)
-            report["saved_to"] = str(config.save_model)
-        if config.report:
-            write_json(config.report, report)
-        if config.plot:
-            from .plot import plot_report
+    with _staging(stream, config):
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            report = prune_model(model, tokenizer, config, progress=progress, stream=stream)
+        report["timings"]["total_prune_seconds"] = time.perf_counter() - t0
+        report["memory"] = mem.to_dict()
+        try:
+            if config.eval_ppl:
+                evaluated = stream.pruned() if stream is not None else model
+                ppl["pruned"] = _evaluate(evaluated, tokenizer, config, progress)
+                report["ppl"] = ppl
+            if config.eval_zero_shot:
+                zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
+                report["zero_shot"] = zero_shot
+            if config.save_model:
+                protected = [config.model_path] if config.model_path else []
+                if stream is not None:
+                    stream.save(config.save_model, tokenizer, overwrite=config.overwrite,
+                                protected=protected + [str(stream.directory)])
+                else:
+                    save_model(model, tokenizer, config.save_model, overwrite=config.overwrite, protected=protected)
+                report["saved_to"] = str(config.save_model)
+            if config.report:
+                write_json(config.report, report)
+            if config.plot:
+                from .plot import plot_report
 
-            plot_report(report, config.plot)
-    except BaseException:
-        if config.checkpoint_dir:
-            log.error("the pruned model is kept in %s: run the same command again to evaluate and save it "
-                      "without pruning again", config.checkpoint_dir)
-        raise
+                plot_report(report, config.plot)
+        except BaseException:
+            if config.checkpoint_dir:
+                log.error("the pruned model is kept in %s: run the same command again to evaluate and save it "
+                          "without pruning again", config.checkpoint_dir)
+            raise
     if config.checkpoint_dir and config.checkpoint_is_default:
         Checkpoint(config.checkpoint_dir, {}).remove()
     elif config.checkpoint_dir:
@@ -85,10 +108,31 @@ def prune(model: nn.Module, tokenizer, *, progress: bool = True, **options) -> d
     return report
 
 
-def _evaluate(model, tokenizer, config: PruneConfig) -> dict:
-    # Runs where the model's weights are (on CPU after an offloaded prune).
+@contextmanager
+def _staging(stream: Optional[StreamedModel], config: PruneConfig) -> Iterator[None]:
+    """Where a streamed run writes its pruned blocks: the checkpoint folder (kept for resuming), else a
+    temporary folder beside ``--save_model``, removed at the end whatever happens."""
+    if stream is None:
+        yield
+        return
+    if config.checkpoint_dir:
+        stream.staging = Path(config.checkpoint_dir)
+        yield
+        return
+    target = Path(config.save_model).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stream.staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:80]}.optima-stream.", dir=target.parent))
+    try:
+        yield
+    finally:
+        shutil.rmtree(stream.staging, ignore_errors=True)  # created above: all ours
+
+
+def _evaluate(model, tokenizer, config: PruneConfig, progress: bool = True) -> dict:
+    # Runs where the model's weights are (on CPU after an offloaded prune); a streamed model block by block.
+    device = resolve_device(config.device) if isinstance(model, StreamedModel) else None
     return {ds: eval_ppl(model, tokenizer, ds, config.seqlen, max_windows=config.eval_max_windows,
-                         batch_size=config.eval_batch_size)
+                         batch_size=config.eval_batch_size, device=device, progress=progress)
             for ds in config.eval_ppl}
 
 

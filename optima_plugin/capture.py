@@ -2,10 +2,10 @@
 
 Blocks are not all called alike: Gemma 2/3 alternate sliding-window and full
 attention masks (and Gemma 3 rotary embeddings), so each block's kwargs are
-recorded by a forward pre-hook during one dense pass, with ``use_cache=False``
+recorded during one pass of the base model in which every block is bypassed (its
+weights are never read, so they may still be on disk), with ``use_cache=False``
 and no cache object kept. The LM head is never run (the base model is called).
-With the model on CPU (offload), only the modules outside the blocks and one
-block at a time are moved to the device.
+Only the modules outside the blocks are moved to the device for that pass.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ from torch import Tensor, nn
 from .models import ModelAdapter
 
 _DROP = {"past_key_value", "past_key_values", "layer_past", "use_cache", "output_attentions"}
-
-
-class _Stop(Exception):
-    """Raised by the block-0 hook once it has the inputs it needs."""
 
 
 def kwargs_to(value: Any, device: torch.device) -> Any:
@@ -42,13 +38,22 @@ def _clean(kwargs: dict) -> dict:
     return out
 
 
-@contextmanager
-def _non_blocks_on(adapter: ModelAdapter, device: torch.device) -> Iterator[None]:
-    """Move the base model's modules other than the blocks to ``device``, then back."""
-    moved = []
-    for child in adapter.base.children():
-        if child is adapter.blocks:
+def _outside(module: nn.Module, blocks: nn.Module) -> Iterator[nn.Module]:
+    """The largest submodules of ``module`` that hold no part of ``blocks``."""
+    for child in module.children():
+        if child is blocks:
             continue
+        if any(m is blocks for m in child.modules()):
+            yield from _outside(child, blocks)
+        else:
+            yield child
+
+
+@contextmanager
+def non_blocks_on(adapter: ModelAdapter, device: torch.device, root: nn.Module | None = None) -> Iterator[None]:
+    """Move the modules of ``root`` (default: the base model) outside the blocks to ``device``, then back."""
+    moved = []
+    for child in _outside(adapter.base if root is None else root, adapter.blocks):
         tensors = list(child.parameters()) + list(child.buffers())
         if tensors and tensors[0].device != device:
             moved.append((child, tensors[0].device))
@@ -70,6 +75,11 @@ def capture_block_inputs(
 ) -> tuple[Tensor, list[dict]]:
     """Return block-0 inputs for all samples and each block's call kwargs.
 
+    One pass of the base model with every block bypassed (:func:`blocks_bypassed`):
+    the embeddings run, the blocks' weights are never read (they may be on the meta
+    device, see :mod:`optima_plugin.streaming`), and each block's kwargs are those the
+    base model computes for it (Gemma's alternating masks included).
+
     Args:
         tokens: ``(n, seqlen)`` token ids.
         device: where the computation runs.
@@ -80,51 +90,46 @@ def capture_block_inputs(
         ``kwargs[i]`` the keyword arguments block ``i`` is called with (on ``device``).
     """
     device = torch.device(device)
-    blocks = adapter.blocks
     captured: list[Tensor] = []
+    recorded: list = [None] * len(adapter.blocks)
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden.detach().to(storage_device))
-        raise _Stop
-
-    recorded: list = [None] * len(blocks)
-    homes: list = [None] * len(blocks)
-
-    def record(i):
-        def pre(module, args, kwargs):
+    def stub(i: int, hidden: Tensor, kwargs: dict) -> Tensor:
+        if i == 0:
+            captured.append(hidden.detach().to(storage_device))
+        if recorded[i] is None:  # the first batch's: batch_kwargs cuts them for smaller batches
             recorded[i] = _clean(kwargs)
-            homes[i] = next(module.parameters()).device
-            module.to(device)
+        return hidden
 
-        return pre
-
-    def release(i):
-        def post(module, args, output):
-            module.to(homes[i])
-
-        return post
-
-    with _non_blocks_on(adapter, device), torch.no_grad():
-        handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            for start in range(0, tokens.shape[0], batch_size):
-                try:
-                    adapter.base(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-        handles = []
-        for i, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(record(i), with_kwargs=True))
-            handles.append(block.register_forward_hook(release(i)))
-        try:
-            adapter.base(input_ids=tokens[:batch_size].to(device), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+    with non_blocks_on(adapter, device), torch.no_grad(), blocks_bypassed(adapter, stub):
+        for start in range(0, tokens.shape[0], batch_size):
+            adapter.base(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
     return torch.cat(captured), recorded
+
+
+@contextmanager
+def blocks_bypassed(adapter: ModelAdapter, stub) -> Iterator[None]:
+    """While active, calling block ``i`` returns ``stub(i, hidden, kwargs)`` instead of running it.
+
+    The block's hooks still fire; its weights are not used. An instance ``forward`` set by
+    someone else (accelerate's hooks) is put back on exit.
+    """
+    saved = []
+    for i, block in enumerate(adapter.blocks):
+        saved.append(vars(block).get("forward"))
+
+        def forward(*args, _i=i, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            return stub(_i, hidden, kwargs)
+
+        block.forward = forward  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for block, old in zip(adapter.blocks, saved):
+            if old is None:
+                del block.forward
+            else:
+                block.forward = old
 
 
 def batch_kwargs(kwargs: dict, captured: int, batch: int) -> dict:

@@ -3,6 +3,7 @@
     DIR/state.json               marker, the run's identity, layer ratios, report rows, next block
     DIR/block_00012.safetensors  block 12's pruned parameters and buffers
     DIR/inputs_00013.safetensors the inputs of block 13 (removed once block 13 is checkpointed)
+    DIR/model-00013-of-00031.safetensors  a streamed run's output shard of block 12, instead of block_00012
 
 Every file is written to a temporary sibling and renamed, and ``state.json`` last, so
 a crash at any moment leaves a consistent checkpoint. Started again with the same
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "optima_plugin checkpoint"
 STATE = "state.json"
-_OURS = re.compile(r"^(state\.json|block_\d{5}\.safetensors|inputs_\d{5}\.safetensors)$")
+_OURS = re.compile(r"^(state\.json|block_\d{5}\.safetensors|inputs_\d{5}\.safetensors"
+                   r"|model-\d{5}-of-\d{5}\.safetensors)$")
 
 #: PruneConfig fields that do not change the pruned weights (outputs, evaluation, where it runs).
 NOT_IDENTITY = {"eval_ppl", "eval_dense", "eval_max_windows", "eval_zero_shot", "tasks_dir", "eval_batch_size",
@@ -143,13 +145,17 @@ class Checkpoint:
         """The saved inputs of block ``i`` ``(n, seqlen, hidden)``, in the dtype they were saved in (CPU)."""
         return load_file(str(self._inputs(i)))["inputs"]
 
-    def save(self, i: int, block: nn.Module, next_inputs: Optional[Tensor], *, num_blocks: int, ratios: dict,
-             layers: list, block_seconds: list, oom_backoff: list) -> None:
-        """Record that block ``i`` is pruned: its tensors, block ``i+1``'s inputs, then the state."""
+    def save(self, i: int, block: Optional[nn.Module], next_inputs: Optional[Tensor], *, num_blocks: int,
+             ratios: dict, layers: list, block_seconds: list, oom_backoff: list) -> None:
+        """Record that block ``i`` is pruned: its tensors, block ``i+1``'s inputs, then the state.
+
+        ``block`` None: a streamed run, whose output shard of block ``i`` is already in this folder.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        with atomic_path(self._block(i)) as tmp:
-            save_file(tensors, str(tmp))
+        if block is not None:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+            with atomic_path(self._block(i)) as tmp:
+                save_file(tensors, str(tmp))
         if next_inputs is not None:
             with atomic_path(self._inputs(i + 1)) as tmp:
                 save_file({"inputs": next_inputs.detach().to("cpu").contiguous()}, str(tmp))

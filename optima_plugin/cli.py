@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint_dir", metavar="DIR", help="record every pruned block here; the same command started again "
       "resumes at the first unfinished block (default with --save_model: SAVE_MODEL.checkpoint, removed after success)")
     a("--no_checkpoint", action="store_true", help="no default checkpoint beside --save_model")
+    a("--stream", action=argparse.BooleanOptionalAction, default=None,
+      help="read one block at a time from the checkpoint's safetensors and write each pruned block to "
+      "--save_model at once, for models larger than RAM (default: on when the model is larger than the "
+      "available RAM; a GGUF file is converted to safetensors once)")
     a("--quiet", action="store_true", help="no progress bars or info logs")
     add_disable_flag(p)
     PruneConfig.declared_options().add_to_argparse(p)
@@ -96,10 +100,26 @@ def _model_source(args) -> tuple[str, Optional[str]]:
     return (args.model, args.gguf_file) if args.model is not None else default_model()
 
 
-def _load(model: str, gguf_file: Optional[str], dtype: str):
+def _load(model: str, gguf_file: Optional[str], dtype: str, stream: bool):
+    """``(model, tokenizer)``; streamed: ``(StreamedModel, tokenizer)``."""
+    if stream:
+        from .streaming import open_streamed
+
+        return open_streamed(model, gguf_file, getattr(torch, dtype))
     from .loading import load_model
 
     return load_model(model, gguf_file=gguf_file, dtype=getattr(torch, dtype))
+
+
+def _stream_wanted(args, source: str, gguf_file: Optional[str]) -> bool:
+    """``--stream``/``--no-stream`` as given; unset: whether a local safetensors model exceeds the free RAM."""
+    if args.stream is not None:
+        return args.stream
+    if gguf_file is not None or not Path(source).is_dir():
+        return False
+    from .streaming import stream_needed
+
+    return stream_needed(source, getattr(torch, args.dtype))
 
 
 def print_summary(report: dict, out=None) -> None:
@@ -202,6 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         source, gguf_file = _model_source(args)
         options["model_path"] = source
+        options["stream"] = _stream_wanted(args, source, gguf_file)
         config = PruneConfig.from_options(**options)  # every option, input and output path, before the load
         from .api import prune
         from .engine import resolve_device
@@ -215,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .plot import require_matplotlib
 
             require_matplotlib()
-        model, tokenizer = _load(source, gguf_file, args.dtype)
+        model, tokenizer = _load(source, gguf_file, args.dtype, config.stream)
         report = prune(model, tokenizer, progress=not args.quiet, **options)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
             ImportError, torch.linalg.LinAlgError) as e:

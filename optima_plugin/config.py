@@ -68,6 +68,7 @@ class PruneConfig:
     report: Optional[str] = None
     checkpoint_dir: Optional[str] = None
     checkpoint: bool = True
+    stream: bool = False  # blocks read from disk and written to --save_model one at a time (optima_plugin.streaming)
     model_path: Optional[str] = None  # --model: directory or hub id (never overwritten; part of the checkpoint's identity)
     plugin_options: dict = field(default_factory=dict)  # {name: value} of plugin-declared options (see option())
 
@@ -131,6 +132,14 @@ class PruneConfig:
             raise ValueError(f"--num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.eval_limit is not None and self.eval_limit <= 0:
             raise ValueError(f"--eval_limit must be positive (a count, or a fraction below 1), got {self.eval_limit}")
+        if self.stream and not self.save_model:
+            raise ValueError("--stream (on by itself when the model is larger than the available RAM) writes each "
+                             "pruned block to the output as soon as it is done: give --save_model DIR "
+                             "(or --no-stream to load the model whole)")
+        if self.stream and self.eval_zero_shot:
+            raise ValueError("--eval_zero_shot runs lm-eval on a model in memory, which --stream does not hold: "
+                             "evaluate the saved folder afterwards (lm_eval --model hf --model_args "
+                             "pretrained=SAVE_MODEL ...) or drop --stream")
         if self.plot and not self.plot.lower().endswith(PLOT_FORMATS):
             raise ValueError(f"--plot {self.plot}: the file name must end with one of {', '.join(PLOT_FORMATS)}")
         self._validate_paths()

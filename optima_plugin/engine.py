@@ -10,7 +10,9 @@
 
 The loop itself (capture, onload, hooked statistics pass, propagate, offload,
 out-of-memory back-off) is :class:`~optima_plugin.pipeline.BlockPipeline`; the
-engine adds the per-linear work, checkpoints, Ctrl-C and the report.
+engine adds the per-linear work, checkpoints, Ctrl-C and the report. With a
+:class:`~optima_plugin.streaming.StreamedModel` the blocks are read from disk at
+onload and each pruned block is written out as a shard before it is freed.
 
 The engine knows no selector, allocator, updater or solver by name: it looks
 them up in the plugin registries and announces its progress through the event
@@ -144,8 +146,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True) -> dict:
+def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True,
+                stream=None) -> dict:
     """Prune ``model`` in place as ``config`` says; return the JSON-ready report.
+
+    ``stream``: a :class:`~optima_plugin.streaming.StreamedModel` whose skeleton is
+    ``model``: each block is read from disk at its turn, and its pruned tensors are
+    written to ``stream.staging`` instead of staying in memory.
 
     The report holds ``sparsity`` (zero fraction over the pruned linears),
     ``layers`` (one :class:`LayerResult` dict each), ``summary`` (counts of layers
@@ -164,7 +171,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     allocator = lookup("allocators", config.allocation, "--allocation")
     row_allocator = lookup("row_allocators", config.row_allocation, "--use_trim") if config.row_allocation else None
     device = resolve_device(config.device)
-    offload = config.offload if config.offload is not None else device.type == "cuda"
+    offload = True if stream is not None else (config.offload if config.offload is not None
+                                                else device.type == "cuda")
     adapter = get_adapter(model)
     check_seqlen(model, config.seqlen)
     linears = prunable_linears(adapter, config.skip_attention)
@@ -175,12 +183,19 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     resume = checkpoint.load() if checkpoint else None
     start = resume.next_block if resume else 0
     num_blocks = len(adapter.blocks)
+    if resume and stream is not None:
+        lost = [j for j in range(start) if not stream.has_block(j)]
+        if lost:
+            raise ValueError(f"--checkpoint_dir {config.checkpoint_dir} lacks the shards of blocks {lost[:5]}; "
+                             "delete that folder to start over")
     if resume:
-        checkpoint.restore(adapter.blocks, start)
+        if stream is None:
+            checkpoint.restore(adapter.blocks, start)
         log.info("resuming from %s: blocks 0..%d of %d are pruned already", config.checkpoint_dir, start - 1,
                  num_blocks)
-    for name, lin in linears.items():  # every weight, before calibration
-        check_finite(lin.weight.detach(), f"{name}: its weights")
+    for name, lin in linears.items():  # every weight, before calibration (streamed: each block at its turn)
+        if not lin.weight.is_meta:
+            check_finite(lin.weight.detach(), f"{name}: its weights")
     warn_small_calibration(linears, config.nsamples, config.seqlen, config.weight_update)
 
     pm = get_plugin_manager()
@@ -193,18 +208,18 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     try:
         t_start = time.perf_counter()
         ratios = _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, None, device, offload,
-                               progress)
+                               progress, stream)
         tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
         if not offload:
             model.to(device)
         t_alloc = time.perf_counter()
         if ratios is None:
             ratios = _layer_ratios(None, pattern, linears, allocator, model, adapter, config, tokens, device,
-                                   offload, progress)
+                                   offload, progress, stream)
         t_alloc = time.perf_counter() - t_alloc
         pipe = BlockPipeline(adapter, device=device, batch_size=config.batch_size,
                              storage=torch.device("cpu") if offload else device,
-                             offload="cpu" if offload else None, oom_backoff=oom_backoff)
+                             offload="cpu" if offload else None, oom_backoff=oom_backoff, stream=stream)
         inputs = pipe.capture(tokens)
         if resume and start < num_blocks:
             pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
@@ -225,6 +240,9 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                 with pipe.onloaded(i) as block:
                     names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
                     todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
+                    if stream is not None:
+                        for rel, lin in todo.items():
+                            check_finite(lin.weight.detach(), f"{names[rel]}: its weights")
                     groups = input_groups(block)
                     hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype, names)
                     for rel, lin in todo.items():
@@ -238,9 +256,12 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                     del hessians
                     pipe.propagate(i, block)
                     check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
+                    if stream is not None:
+                        stream.write_block(i, block)
                 seconds = time.perf_counter() - t_block
                 if checkpoint is not None:
-                    checkpoint.save(i, block, pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
+                    checkpoint.save(i, None if stream is not None else block,  # streamed: the shard is the record
+                                    pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
                                     ratios=ratios, layers=observers[1].layers,
                                     block_seconds=observers[1].block_seconds + [seconds], oom_backoff=oom_backoff)
                 pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
@@ -249,11 +270,12 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                                          f"{config.checkpoint_dir}; run the same command again to resume")
         report = {
             "completed": True,
-            "sparsity": _sparsity(linears.values()),
+            "sparsity": _sparsity(observers[1].layers),
             "summary": summarize(observers[1].layers),
             "options": config.to_dict(),
             "device": str(device),
             "offload": offload,
+            "stream": stream is not None,
             "layers": observers[1].layers,
             "allocation": {"method": config.allocation, "rows": config.row_allocation,
                            "loaded_from": config.load_layer_ratio},
@@ -279,7 +301,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
 
 
 def _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, tokens, device, offload,
-                  progress) -> Optional[dict]:
+                  progress, stream=None) -> Optional[dict]:
     """Each linear's ratio: from the checkpoint, the N:M pattern, a ratio file, or the allocator.
 
     Without ``tokens`` only what needs no calibration is resolved (so a bad ratio
@@ -292,7 +314,7 @@ def _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, t
     if tokens is None and not config.load_layer_ratio:
         return None
     context = AllocationContext(model, adapter, config.sparsity_ratio, linears, config=config, tokens=tokens,
-                                device=device, offload=offload, progress=progress)
+                                device=device, offload=offload, progress=progress, stream=stream)
     return resolve_layer_ratios(allocator, context)
 
 
@@ -347,9 +369,11 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
     )
 
 
-def _sparsity(linears) -> float:
+def _sparsity(layers: list) -> float:
+    """Zero fraction over the pruned linears, from the report's rows (each counted when it was pruned)."""
     zeros = total = 0
-    for lin in linears:
-        zeros += int((lin.weight == 0).sum())
-        total += lin.weight.numel()
+    for x in layers:
+        numel = int(np.prod(x["shape"]))
+        zeros += round(x["sparsity"] * numel)
+        total += numel
     return zeros / total if total else 0.0

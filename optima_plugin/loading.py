@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -62,6 +62,21 @@ def load_model(model: str, gguf_file: Optional[str] = None, dtype: torch.dtype =
 def save_model(model, tokenizer, directory: str, overwrite: bool = False, protected: Sequence[str] = ()) -> Path:
     """Save model (safetensors), tokenizer and :data:`~optima_plugin.files.SAVE_MARKER` into ``directory``.
 
+    See :func:`install_directory` for the checks and the all-or-nothing replacement.
+    Returns the resolved target.
+    """
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return install_directory(directory, write, overwrite=overwrite, protected=protected)
+
+
+def install_directory(directory: str, write: Callable[[Path], None], *, overwrite: bool = False,
+                      protected: Sequence[str] = ()) -> Path:
+    """Fill a new folder with ``write(folder)`` and the save marker, then put it at ``directory``.
+
     ``directory`` is checked first (:func:`~optima_plugin.files.check_save_target`: never
     the current directory, home, ``protected`` paths, or a non-empty folder the tool did
     not save). Everything is written to a temporary sibling, then renamed into place; an
@@ -76,8 +91,7 @@ def save_model(model, tokenizer, directory: str, overwrite: bool = False, protec
     tmp = Path(tempfile.mkdtemp(prefix=prefix + "new.", dir=target.parent))
     aside: Optional[Path] = None  # while the new directory moves in, the old one waits as aside/old
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         write_save_marker(tmp)
         if target.exists():
             aside = Path(tempfile.mkdtemp(prefix=prefix + "old.", dir=target.parent))

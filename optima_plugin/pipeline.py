@@ -3,15 +3,16 @@
     pipe = BlockPipeline(adapter, device=..., batch_size=..., storage=..., offload=...)
     pipe.capture(tokens)                      # block-0 inputs, every block's call kwargs
     for i in ...:
-        with pipe.onloaded(i) as block:       # onload; offload after
+        with pipe.onloaded(i) as block:       # onload (streamed: read from disk); offload after
             stats = pipe.statistics(i, block, {key: module}, make)   # forward hooks, one pass
             ...per-linear work...
             pipe.propagate(i, block)          # the block's outputs become the next inputs
 
 Users: the engine (:func:`~optima_plugin.engine.prune_model`), the OWL statistics pass
-(:mod:`optima_plugin.allocators.statistics`) and the host seam's own pass
-(:meth:`optima_plugin.host.seam.HostSeam._own_pass`). Forward hooks are registered and
-removed here only (:func:`hooked`); out of memory halves the windows per forward
+(:mod:`optima_plugin.allocators.statistics`), the host seam's own pass
+(:meth:`optima_plugin.host.seam.HostSeam._own_pass`) and the block-by-block perplexity of a
+streamed model (:func:`~optima_plugin.evaluation.perplexity.perplexity_streamed`). Forward
+hooks are registered and removed here only (:func:`hooked`); out of memory halves the windows per forward
 (down to one) and is recorded in ``oom_backoff``. The pipeline knows no plugin.
 """
 
@@ -91,17 +92,20 @@ class BlockPipeline:
         storage: where the ``(n, seqlen, hidden)`` block inputs are kept.
         offload: where a block goes after its turn; None: back where it was.
         oom_backoff: list the out-of-memory back-offs are appended to (``{block, pass, batch}``).
+        stream: a :class:`~optima_plugin.streaming.StreamedModel` whose blocks are read from
+            disk at onload and freed (back to the meta device) at offload; ``offload`` is unused.
     """
 
     def __init__(self, adapter: ModelAdapter, *, device: torch.device, batch_size: int = 1,
                  storage: Optional[torch.device] = None, offload: Optional[torch.device | str] = None,
-                 oom_backoff: Optional[list] = None) -> None:
+                 oom_backoff: Optional[list] = None, stream=None) -> None:
         self.adapter = adapter
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.storage = torch.device(storage) if storage is not None else self.device
         self.offload = offload
         self.oom_backoff = oom_backoff if oom_backoff is not None else []
+        self.stream = stream
         self.inputs: Optional[Tensor] = None
         self.kwargs: list = []
 
@@ -113,7 +117,15 @@ class BlockPipeline:
 
     @contextmanager
     def onloaded(self, index: int) -> Iterator[nn.Module]:
-        """Block ``index`` on the device for the body, then offloaded (or put back where it was)."""
+        """Block ``index`` on the device for the body, then offloaded (or put back where it was);
+        streamed: read from disk, then freed."""
+        if self.stream is not None:
+            block = self.stream.load_block(index, self.device)
+            try:
+                yield block
+            finally:
+                self.stream.release_block(index)
+            return
         block = self.adapter.blocks[index]
         home = next(block.parameters()).device
         block.to(self.device)

@@ -53,3 +53,39 @@ def test_wanda_optima_beats_wanda_alone(smollm2):
             assert max(ratios) < 1.0 and sum(ratios) / len(ratios) < 0.7
         ppl[update] = eval_ppl(m, tok, "pydoc", 512, max_windows=8, progress=False)
     assert ppl["optima"] < 0.9 * ppl["none"], ppl
+
+
+def test_streamed_prune_is_bit_identical_and_loads(smollm2, tmp_path, monkeypatch, caplog):
+    """--stream on the real GGUF model: converted once to safetensors, pruned block by block from disk,
+    saved as shards; the same tensors as the in-memory prune, and from_pretrained loads them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from optima_plugin.streaming import open_streamed
+
+    monkeypatch.setenv("OPTIMA_CACHE_DIR", str(tmp_path / "cache"))
+    model, tok = smollm2
+    options = dict(prune_method="sparsegpt", sparsity_ratio=0.5, weight_update="native", nsamples=4, seqlen=128,
+                   eval_ppl="pydoc", eval_max_windows=2, device="cpu", progress=False)
+    in_memory = prune(copy.deepcopy(model), tok, save_model=str(tmp_path / "mem"), **options)
+    directory, gguf = default_model()
+    stream, _ = open_streamed(directory, gguf)
+    streamed = prune(stream, tok, save_model=str(tmp_path / "str"), **options)
+    assert streamed["ppl"] == in_memory["ppl"]
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "str")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "str").glob("model-*-of-00031.safetensors"))) == 31
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "str")
+    ids = torch.arange(100, 140).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, AutoModelForCausalLM.from_pretrained(tmp_path / "mem")(ids).logits)
+    with caplog.at_level("INFO", logger="optima_plugin.streaming"):
+        open_streamed(directory, gguf)  # converted once: the second open reuses the folder
+    assert "from its safetensors conversion" in caplog.text

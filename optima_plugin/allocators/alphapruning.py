@@ -138,8 +138,8 @@ class AlphaPruningAllocator:
         epsilon = context.option("epsilon")
         mapping = context.option("mapping_type")
         names = list(context.linears)
-        alpha = {name: esd_alpha(lin.weight) for name, lin in
-                 tqdm(context.linears.items(), desc="AlphaPruning spectra", unit="layer",
+        alpha = {name: esd_alpha(weight) for name, weight in
+                 tqdm(context.weights(), total=len(names), desc="AlphaPruning spectra", unit="layer",
                       disable=not context.progress)}
         if mapping == "block_wise":
             for group in linears_by_block(context):

@@ -12,7 +12,7 @@ Two kinds of allocators:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,9 @@ class AllocationContext:
         device: where block computations run.
         offload: whether blocks live on CPU and are onloaded one at a time.
         progress: whether to show progress bars.
+        stream: the :class:`~optima_plugin.streaming.StreamedModel` when the blocks are on
+            disk (their weights on the meta device): read them through :meth:`weights` or a
+            :class:`~optima_plugin.pipeline.BlockPipeline` given this stream.
     """
 
     model: nn.Module
@@ -47,6 +50,26 @@ class AllocationContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     offload: bool = False
     progress: bool = False
+    stream: Any = None
+
+    def block_weights(self) -> Iterator[dict[str, Tensor]]:
+        """``{full name: weight}`` of the linears to prune, one dict per block that has any, in block
+        order; a streamed model's block is read from disk for its turn and freed after it."""
+        for index, group in enumerate(linears_by_block(self)):
+            if not group:
+                continue
+            if self.stream is not None:
+                self.stream.load_block(index, "cpu")
+            try:
+                yield {name: lin.weight.detach() for name, lin in group.items()}
+            finally:
+                if self.stream is not None:
+                    self.stream.release_block(index)
+
+    def weights(self) -> Iterator[tuple[str, Tensor]]:
+        """``(full name, weight)`` of every linear to prune, in block order (see :meth:`block_weights`)."""
+        for group in self.block_weights():
+            yield from group.items()
 
     def option(self, name: str) -> Any:
         """The option ``name`` (core or plugin-declared) of the config; without a config, its default.

@@ -73,9 +73,8 @@ class OwlAllocator:
         norms = dense_input_norms(context)
         blocks = [g for g in linears_by_block(context) if g]
         outliers = []
-        for group in blocks:
-            scores = [lin.weight.detach().abs().float().cpu() * norms[name].clamp_min(0).sqrt()
-                      for name, lin in group.items()]
+        for group in context.block_weights():
+            scores = [weight.abs().float().cpu() * norms[name].clamp_min(0).sqrt() for name, weight in group.items()]
             outliers.append(outlier_ratio(scores, hyper_m))
         outliers_t = torch.tensor(outliers, dtype=torch.float64)
         ratios = owl_ratios(outliers_t, context.target, lamda)

@@ -57,7 +57,7 @@ def dense_input_norms(context: AllocationContext) -> dict[str, Tensor]:
                          "run it through prune() or pass tokens")
     storage = torch.device("cpu") if context.offload else torch.device(context.device)
     pipe = BlockPipeline(context.adapter, device=context.device, batch_size=context.option("batch_size"),
-                         storage=storage)
+                         storage=storage, stream=context.stream)
     pipe.capture(context.tokens)
     norms: dict[str, Tensor] = {}
     groups = linears_by_block(context)
