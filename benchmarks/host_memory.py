@@ -79,7 +79,7 @@ def anon_bytes(proc: psutil.Process) -> int:
 
 def run(cmd: list[str], cwd: str, log: Path, threads: int) -> dict:
     """Run ``cmd``; peak RSS of its process tree (20 ms samples), wall time, the host's ppl line."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     t0 = time.perf_counter()
     with open(log, "w") as fh:
