@@ -58,7 +58,7 @@ def deeper_llama(smollm2: Path, factor: int, target: Path) -> Path:
 def peak_of(argv: list) -> tuple[float, float, int]:
     """``(peak RSS in MiB, wall seconds, exit code)`` of one ``optima-prune`` process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "optima_plugin.cli", *argv, "--quiet"])
+    proc = subprocess.Popen([sys.executable, "-m", "optima_plugin.cli", *argv, "--quiet"], stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return usage.ru_maxrss / 1024, time.perf_counter() - t0, proc.returncode

@@ -1,7 +1,11 @@
-"""Peak memory of a piece of work: process RSS sampled in a thread, and CUDA's own peak."""
+"""Process memory: the peak of a piece of work (RSS sampled in a thread, CUDA's own peak), and
+handing freed heap back to the OS between blocks."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import threading
 from typing import Optional
 
@@ -47,3 +51,26 @@ class PeakMemory:
     def to_dict(self) -> dict:
         return {"peak_rss_mb": self.peak_rss_mb, "rss_increase_mb": self.rss_increase_mb,
                 "cuda_peak_mb": self.cuda_peak_mb}
+
+
+_LIBC: Optional[ctypes.CDLL] = None
+
+
+def release_freed_memory() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); False where there is none.
+
+    Tensors of a few MB (a block's weights, dense copies, Hessians, solver work) freed between
+    long-lived small objects leave holes glibc keeps: measured on the real Wanda loop through the
+    host seam (SmolLM2-135M, float32) the heap stayed 1.1 GB above the host alone's, and a streamed
+    prune's resident memory grew by ~3 MB per block, all of it free memory that one
+    ``malloc_trim`` gave back. Called once per block (the seam, a streamed block's release); it
+    costs milliseconds."""
+    global _LIBC
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(_LIBC.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return False

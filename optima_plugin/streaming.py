@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .files import atomic_path, write_json
+from .memory import release_freed_memory
 from .models import ModelAdapter, get_adapter
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,9 @@ class StreamedModel:
         return block
 
     def release_block(self, index: int) -> None:
-        """Block ``index`` back on the meta device: its memory is freed."""
+        """Block ``index`` back on the meta device: its memory is freed (and handed back to the OS)."""
         self.adapter.blocks[index].to("meta")
+        release_freed_memory()  # else glibc keeps the freed heap: resident memory grew ~3 MB per block
 
     def write_block(self, index: int, block: nn.Module) -> Path:
         """Write block ``index``'s tensors (full state-dict names) as its output shard in :attr:`staging`."""

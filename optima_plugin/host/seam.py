@@ -43,10 +43,7 @@ pruned weights. The results are reported like the engine's
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +57,7 @@ from ..engine import LayerResult, blocks_path, resolve_device
 from ..files import write_json
 from ..hessian import HessianAccumulator
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
+from ..memory import release_freed_memory
 from ..pipeline import BlockPipeline
 from ..plugins import get_plugin_manager, lookup
 from ..solvers.problem import reconstruction_error
@@ -90,28 +88,6 @@ class SeamSettings:
     seed: int = 0
     device: str = "auto"
     report: Optional[str] = None
-
-
-_LIBC: Optional[ctypes.CDLL] = None
-
-
-def release_freed_memory() -> bool:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); False where there is none.
-
-    The seam's tensors of a few MB (dense copies, Hessians, solver work) are freed between the host's
-    own, but glibc keeps freed heap pages that are not at the heap's top: measured on the real Wanda
-    loop (SmolLM2-135M, float32), the heap stayed 1.1 GB above the host alone's, all of it free memory
-    (one ``malloc_trim`` gave it back). Called once the seam is done with a block (its masks emitted,
-    its statistics and dense copy dropped), it costs milliseconds."""
-    global _LIBC
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(_LIBC.malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return False
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
