@@ -192,6 +192,7 @@ class StreamedModel:
         directory: the safetensors folder read.
         sources: ``{state_dict key: (file, key in that file)}`` of every tensor to read.
         staging: where :meth:`write_block` puts the pruned blocks' shards (set by the run).
+        prefix: the blocks' dotted path in the state dict (``model.layers``).
     """
 
     model: nn.Module
@@ -199,15 +200,8 @@ class StreamedModel:
     directory: Path
     sources: dict
     staging: Optional[Path] = None
+    prefix: str = ""
     _block_keys: list = field(default_factory=list)
-
-    @property
-    def prefix(self) -> str:
-        """The blocks' dotted path in the state dict (``model.layers``)."""
-        for name, module in self.model.named_modules():
-            if module is self.adapter.blocks:
-                return name
-        raise ValueError("the adapter's block list is not a submodule of its model")
 
     @property
     def num_shards(self) -> int:
@@ -356,7 +350,9 @@ def open_streamed(model: str, gguf_file: Optional[str] = None, dtype: torch.dtyp
     skeleton.eval()
     skeleton.name_or_path = str(directory)
     adapter = get_adapter(skeleton)
-    stream = StreamedModel(skeleton, adapter, Path(directory), {})
+    from .engine import blocks_path
+
+    stream = StreamedModel(skeleton, adapter, Path(directory), {}, prefix=blocks_path(adapter))
     sources, missing = _find_sources(skeleton, files)
     tied = _tied_keys(skeleton)
     absent = [k for k in missing if k not in tied]
