@@ -653,6 +653,9 @@ def test_seam_in_process_explicit_emit_and_shims(models):
             logits = model(torch.randint(0, 512, (1, 16))).logits  # inside a model forward: tensors flow
         assert logits.shape == (1, 16, 512)
         assert [x["name"] for x in inst.seam.layers] == ["model.layers.0.self_attn.q_proj"]
+        assert inst.seam.dense_bytes() == 0  # the model forward left block 0: its dense copy is freed
+        with torch.no_grad():
+            block0(hidden[0])  # the host comes back to it: a fresh copy of what is still dense
         # A dense weight with zeros of its own (GGUF-dequantized models): the host's zero pattern is kept.
         state = inst.seam.blocks[0].linears["self_attn.k_proj"]
         k = block0.self_attn.k_proj
@@ -752,6 +755,82 @@ def test_host_cast_after_load_is_not_a_mask(models):
             block0(hidden[0])
         assert [x["name"] for x in inst.seam.layers] == ["model.layers.0.self_attn.o_proj"]
         assert torch.equal(o.weight == 0, mask) and o.weight.dtype == torch.bfloat16
+
+
+def test_whole_model_forward_leaves_the_block(models):
+    """Wanda's last block: nothing but the host's evaluation (a whole-model forward) follows it. The seam
+    handles its masks, frees its dense copy and Hessians at that forward (not at the end of the run); a host
+    that comes back to the block (TRIM re-runs it) gets a fresh copy of what is still dense."""
+    from transformers import AutoModelForCausalLM
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(models / "llama")
+        n = len(model.model.layers)
+        last = model.model.layers[-1]
+        st = inst.seam.blocks[-1]
+        hidden = [torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        with torch.no_grad():
+            for x in hidden:
+                last(x)
+        q = last.self_attn.q_proj
+        dense = q.weight.detach().clone()
+        hessian = st.accs[st.linears["self_attn.q_proj"].owner].hessian.clone()
+        mask = row_mask(dense.abs(), 0.5)
+        q.weight.data[mask] = 0
+        assert inst.seam.dense_bytes() == inst.seam.block_bytes(st)
+        with torch.no_grad():
+            model(torch.randint(0, 512, (1, 16)))
+        assert [x["name"] for x in inst.seam.layers] == [f"model.layers.{n - 1}.self_attn.q_proj"]
+        assert torch.allclose(q.weight, reconstruct(dense, mask, hessian, solver="direct").weight, atol=1e-6)
+        assert inst.seam.dense_bytes() == 0 and st.accs == {}
+        with torch.no_grad():
+            last(hidden[0])  # the host comes back: every linear but the handled q_proj is copied again
+        assert inst.seam.dense_bytes() == inst.seam.block_bytes(st) - dense.numel() * 4
+        k = last.self_attn.k_proj
+        k_dense = k.weight.detach().clone()
+        k_hessian = st.accs[st.linears["self_attn.k_proj"].owner].hessian.clone()  # hidden[0] only
+        k_mask = row_mask(k_dense.abs(), 0.5)
+        k.weight.data[k_mask] = 0
+        with torch.no_grad():
+            last(hidden[1])
+        assert [x["name"] for x in inst.seam.layers][1:] == [f"model.layers.{n - 1}.self_attn.k_proj"]
+        assert torch.allclose(k.weight, reconstruct(k_dense, k_mask, k_hessian, solver="direct").weight, atol=1e-6)
+
+
+def test_fingerprint_against_bit_sums_and_without_copies():
+    """``fingerprint``: each row's bit patterns summed modulo 2**32 (checked against NumPy's int64 sums of the
+    same bits), sees one zeroed entry (``-0.0`` too), and allocates no copy of the weight: at every block call
+    the old int64 sum cast the whole weight first (2x an fp32 weight's bytes). ``row_zeros`` likewise."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from optima_plugin.host.seam import fingerprint, row_zeros
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(96, 4096, generator=g) * 100
+    base[base.abs() < 1] = 0
+    for dtype, bits in [(torch.float32, np.int32), (torch.bfloat16, np.int16), (torch.float16, np.int16)]:
+        w = base.to(dtype)
+        raw = w.view(torch.int32 if bits is np.int32 else torch.int16).numpy().astype(np.int64).sum(axis=1)
+        wrapped = (raw + 2**31) % 2**32 - 2**31
+        assert np.array_equal(fingerprint(w).numpy().astype(np.int64), wrapped), dtype
+        assert np.array_equal(row_zeros(w).numpy(), (w.float().numpy() == 0).sum(axis=1)), dtype
+        for value in (0.0, -0.0):
+            changed = w.clone()
+            row, col = 5, int((changed[5] != 0).nonzero()[0])
+            changed[row, col] = value
+            differs = fingerprint(changed) != fingerprint(w)
+            assert differs.tolist() == [i == row for i in range(w.shape[0])], (dtype, value)
+    w64 = base.double()
+    assert np.array_equal(fingerprint(w64).numpy(), w64.view(torch.int64).numpy().sum(axis=1))  # 8 bytes: int64
+
+    weight = torch.randn(1536, 4608, generator=g)  # 28 MB of fp32
+    for fn in (fingerprint, row_zeros):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(weight)
+        largest = max(e.cpu_memory_usage for e in prof.events())
+        # the weight's bytes / 4 would be one int8 copy; a 1-MB slice's bool + int32 sums stay ~1 MB
+        assert largest < weight.numel() * 4 // 4, (fn.__name__, largest)
 
 
 def test_seam_attach_gives_freed_heap_back_after_each_block(monkeypatch):

@@ -99,17 +99,28 @@ def _rows(weight: Tensor) -> Tensor:
 
 
 def fingerprint(weight: Tensor) -> Tensor:
-    """Per-row checksums of ``weight``, ``(rows,)`` int64 on the CPU: the sum of each row's bit patterns
-    as integers. Exact: a changed entry changes its row's sum (zeroing one too, ``-0.0`` included) unless
-    other changes in the same row cancel it to the bit. One reduction, done at every block call: a
-    quarter of the time of counting zeros (``eq(0)``) on CPUs."""
+    """Per-row checksums of ``weight``, ``(rows,)`` int32 on the CPU: the sum of each row's bit patterns as
+    integers, modulo 2³² (the sum wraps). Exact for one change: a changed entry changes its row's bit pattern
+    by a nonzero amount smaller than 2³² in magnitude (zeroing one too, ``-0.0`` included), so its row's sum
+    changes unless other changes in the same row cancel it to the bit. One reduction, done at every block
+    call, with no temporary copy of the weight (summing into int64 would cast the whole weight first: 2× an
+    fp32 weight, 4× an fp16 one, at every call)."""
     w = _rows(weight)
-    return w.view(_BITS[w.element_size()]).sum(dim=1, dtype=torch.int64).cpu()
+    bits = w.view(_BITS[w.element_size()])
+    return bits.sum(dim=1, dtype=torch.int64 if w.element_size() == 8 else torch.int32).cpu()
+
+
+#: elements per slice of rows when counting zeros: the comparison's bool and int32 temporaries stay ~5 MB
+_ZERO_SLICE = 1 << 20
 
 
 def row_zeros(weight: Tensor) -> Tensor:
-    """Zeros per row of ``weight`` (``(rows,)`` int64 on the CPU): compared only when the host cast the model."""
-    return _rows(weight).eq(0).sum(dim=1).cpu()
+    """Zeros per row of ``weight`` (``(rows,)`` int32 on the CPU): compared only when the host cast the model.
+    Counted a slice of rows at a time (a bool mask and its int32 sum of the whole weight would be 5× an fp32
+    weight's bytes)."""
+    w = _rows(weight)
+    step = max(1, _ZERO_SLICE // max(1, w.shape[1]))
+    return torch.cat([rows.eq(0).sum(dim=1, dtype=torch.int32) for rows in w.split(step)]).cpu()
 
 
 @dataclass
@@ -440,17 +451,16 @@ class HostSeam:
         release_freed_memory()
 
     def _flush(self) -> None:
+        # A whole-model forward leaves the host's block loop (its evaluation, a save, the next stage): the block
+        # the host was in is handled with its Hessians and its dense copy freed now, not held until the next block
+        # call that may never come. A host that comes back to it gets a fresh copy of what is still dense.
+        if self._current is not None:
+            self._leave(self.blocks[self._current])
         pending = {st.index: ch for st in self.blocks if (ch := self._changed(st))}
         if not pending:
             return
-        if set(pending) == {self._current}:
-            self._handle(self.blocks[self._current], pending[self._current])
-            return
         # Masks applied without the host's statistics pass (magnitude paths): one sequential own pass,
-        # after the block the host is in (its Hessians, its dense copy freed: one block's dense at a time).
-        if self._current is not None:
-            self._leave(self.blocks[self._current])
-            pending = {st.index: ch for st in self.blocks if (ch := self._changed(st))}
+        # one block's dense weights at a time.
         if self.checkpoint is None:  # nowhere to read their dense weights from: the host's weights stay
             lost = [ls for ch in pending.values() for ls in ch if ls.dense is None]
             if lost:
