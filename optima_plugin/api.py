@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import Checkpoint
 from .config import PruneConfig
@@ -20,6 +20,7 @@ from .evaluation import eval_ppl, eval_zero_shot
 from .evaluation.zero_shot import check_tasks
 from .files import write_json
 from .loading import save_model
+from .maskfile import save_masks
 from .memory import PeakMemory
 from .sparsity import check_sparsity
 from .streaming import StreamedModel
@@ -90,6 +91,10 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
                 else:
                     save_model(model, tokenizer, config.save_model, overwrite=config.overwrite, protected=protected)
                 report["saved_to"] = str(config.save_model)
+            if config.save_masks:
+                count = save_masks(_pruned_masks(model, stream, report["layers"]), config.save_masks)
+                report["masks_saved_to"] = str(config.save_masks)
+                log.info("%d masks (True = pruned) written to %s", count, config.save_masks)
             if config.report:
                 write_json(config.report, report)
             if config.plot:
@@ -106,6 +111,23 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     elif config.checkpoint_dir:
         log.info("checkpoint kept in %s (the same command reuses it; delete it when done)", config.checkpoint_dir)
     return report
+
+
+def _pruned_masks(model: nn.Module, stream: Optional[StreamedModel], layers: list) -> Iterator[tuple[str, Tensor]]:
+    """``(name, weight == 0)`` of each pruned linear in the report's ``layers``, one at a time; a streamed
+    model's from its pruned shards."""
+    if stream is None:
+        modules = dict(model.named_modules())
+        for x in layers:
+            yield x["name"], modules[x["name"]].weight.detach() == 0
+        return
+    from safetensors import safe_open
+
+    sources = stream.pruned().sources
+    for x in layers:
+        shard, key = sources[x["name"] + ".weight"]
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            yield x["name"], f.get_tensor(key) == 0
 
 
 @contextmanager
@@ -186,11 +208,18 @@ def prune_and_quantize(
         "quantize_weight": quantize_weight, "slim_quant": slim_quant,
         "weight_tiled_quantization": weight_tiled_quantization, "lora_rank": lora_rank,
         "prune_lora": prune_lora, "quantize_lora": quantize_lora, "pad_lora": pad_lora,
-        "scale_important_weights": scale_important_weights, "mask_checkpoint": mask_checkpoint,
+        "scale_important_weights": scale_important_weights,
     }
     on = [k for k, v in unsupported.items() if v]
     if on:
         raise NotImplementedError(f"{', '.join(on)}: quantization and low-rank adapters are not supported yet")
+    if prune_method == "maskllm" or mask_checkpoint:  # the reference: MaskLLM masks, 1 = kept
+        if prune_method not in ("maskllm", "file"):
+            raise ValueError(f"mask_checkpoint is read by prune_method='maskllm' (or 'file'), not {prune_method!r}")
+        if not mask_checkpoint:
+            raise ValueError("prune_method='maskllm' reads its masks from mask_checkpoint=PATH; give the file")
+        options = {"mask_convention": "kept" if prune_method == "maskllm" else None, **options}
+        prune_method, options["mask_checkpoint"] = "file", mask_checkpoint
     return prune(
         model, tokenizer, prune_method=prune_method, sparsity_ratio=sparsity_ratio,
         sparsity_type=sparsity_type, nsamples=nsamples, seed=seed, seqlen=seqlen,

@@ -9,14 +9,14 @@ from __future__ import annotations
 from .allocators import BUILTIN_ALLOCATORS, BUILTIN_ROW_ALLOCATORS, alphapruning, owl, trim
 from .hookspecs import hookimpl
 from .options import OptionParser
-from .selectors import BUILTIN_SELECTORS
+from .selectors import BUILTIN_SELECTORS, file as file_selector
 from .updaters import BUILTIN_UPDATERS
 
 
 class BuiltinRegistry:
     @hookimpl(tryfirst=True)
     def optima_addoption(self, parser: OptionParser) -> None:
-        for declare in (owl.addoption, alphapruning.addoption, trim.addoption):
+        for declare in (owl.addoption, alphapruning.addoption, trim.addoption, file_selector.addoption):
             declare(parser)
 
     @hookimpl(tryfirst=True)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no_dense_eval", action="store_true", help="skip the dense evaluation (perplexity, zero-shot) before pruning")
     a("--plot", help="per-layer figure (.png, .pdf, .svg): reconstruction error before/after the update, sparsity")
     a("--save_model", help="directory to save the pruned model and tokenizer")
+    a("--save_masks", metavar="FILE", help="write every pruned linear's mask (True = pruned) to FILE "
+      "(safetensors, bits packed); --prune_method file --mask_checkpoint FILE reuses it")
     a("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
     a("--report", help="write the JSON report to this file")
     a("--checkpoint_dir", metavar="DIR", help="record every pruned block here; the same command started again "
@@ -216,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             eval_zero_shot=args.eval_zero_shot, tasks_dir=args.tasks_dir, eval_batch_size=args.eval_batch_size,
             eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,
             eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
-            save_model=args.save_model, overwrite=args.overwrite, report=args.report,
+            save_model=args.save_model, overwrite=args.overwrite, report=args.report, save_masks=args.save_masks,
             checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
             **PruneConfig.declared_options().values(args),  # the plugins' flags
         )

@@ -70,6 +70,7 @@ class PruneConfig:
     checkpoint: bool = True
     stream: bool = False  # blocks read from disk and written to --save_model one at a time (optima_plugin.streaming)
     model_path: Optional[str] = None  # --model: directory or hub id (never overwritten; part of the checkpoint's identity)
+    save_masks: Optional[str] = None
     plugin_options: dict = field(default_factory=dict)  # {name: value} of plugin-declared options (see option())
 
     @classmethod
@@ -158,7 +159,7 @@ class PruneConfig:
             raise ValueError(f"--load_layer_ratio {self.load_layer_ratio}: no such file")
         if self.tasks_dir and not Path(self.tasks_dir).is_dir():
             raise ValueError(f"--tasks_dir {self.tasks_dir}: no such directory")
-        for flag in ("report", "plot", "save_layer_ratio"):
+        for flag in ("report", "plot", "save_layer_ratio", "save_masks"):
             if getattr(self, flag):
                 check_output_file(getattr(self, flag), f"--{flag}")
         protected = [self.model_path] if self.model_path and Path(self.model_path).exists() else []

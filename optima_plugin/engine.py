@@ -178,6 +178,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     linears = prunable_linears(adapter, config.skip_attention)
     for name, lin in linears.items():
         pattern.check_columns(lin.in_features, name)
+    if hasattr(selector, "prepare"):  # e.g. ``file``: its masks matched to the linears before any calibration
+        selector.prepare(config, linears, blocks_path(adapter))
     checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), model)) \
         if config.checkpoint_dir else None
     resume = checkpoint.load() if checkpoint else None
@@ -342,7 +344,8 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         allocation = row_allocator.row_ratios(work, hessian, ratio, selector, config)
         ratio = allocation.ratios
         rows = dict(row_summary(ratio), **allocation.stats)
-    selection = selector.select(work, hessian, ratio, pattern)
+    named = {"name": name} if getattr(selector, "needs_name", False) else {}
+    selection = selector.select(work, hessian, ratio, pattern, **named)
     upd = updater.update(dense, selection, hessian, options)
     new = upd.weight.to(dense.dtype)
     check_finite(new, f"{name}: the weights of the {updater.name} update")

@@ -19,7 +19,7 @@ from optima_plugin import cli
     [
         (["--sparsity_ratio", "1.5"], r"--sparsity_ratio must be in \[0, 1\)"),
         (["--sparsity_type", "3:2"], "0 < N < M"),
-        (["--prune_method", "nope"], r"known: magnitude, (.*, )?sparsegpt, thanos, wanda"),
+        (["--prune_method", "nope"], r"known: file, magnitude, (.*, )?sparsegpt, thanos, wanda"),
         (["--solver", "nope"], "known solvers"),
         (["--model", "/does/not/exist"], "no such directory"),
         (["--sparsity_type", "2:5"], "does not divide"),

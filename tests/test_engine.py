@@ -143,7 +143,7 @@ def test_custom_selector_plugin(tokenizer):
         (dict(sparsity_ratio=1.0), r"--sparsity_ratio must be in \[0, 1\)"),
         (dict(sparsity_type="4:4"), "0 < N < M"),
         (dict(sparsity_type="2:5"), "does not divide"),
-        (dict(prune_method="nope"), r"known: magnitude, (.*, )?sparsegpt, thanos, wanda"),
+        (dict(prune_method="nope"), r"known: file, magnitude, (.*, )?sparsegpt, thanos, wanda"),
         (dict(weight_update="nope"), "known: native, none, optima"),
         (dict(solver="nope"), "known solvers"),
         (dict(seqlen=100000), "beyond the model's context"),

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from optima_plugin import cli, hookimpl, prune
 from optima_plugin.plugins import get_plugin_manager
+from optima_plugin.maskfile import open_masks
 from optima_plugin.streaming import (INDEX, StreamedModel, checkpoint_bytes, open_streamed, shard_name,
                                      stream_needed)
 from optima_plugin.testing import CONFIGS, tiny_model, tiny_tokenizer
@@ -64,9 +65,11 @@ def _tied_llama():
 def test_streamed_prune_is_bit_identical_to_in_memory(arch, options, tmp_path, tokenizer):
     model = _tied_llama() if arch == "tied-llama" else tiny_model(arch)
     source = _save_source(tmp_path / "src", model, tokenizer)
-    in_memory = prune(_in_memory(source), tokenizer, save_model=str(tmp_path / "mem"), **FAST, **EVAL, **options)
+    in_memory = prune(_in_memory(source), tokenizer, save_model=str(tmp_path / "mem"), **FAST, **EVAL, **options,
+                      save_masks=str(tmp_path / "mem.masks"))
     stream, _ = open_streamed(str(source))
-    streamed = prune(stream, tokenizer, save_model=str(tmp_path / "str"), **FAST, **EVAL, **options)
+    streamed = prune(stream, tokenizer, save_model=str(tmp_path / "str"), **FAST, **EVAL, **options,
+                     save_masks=str(tmp_path / "str.masks"))
 
     assert streamed["stream"] and not in_memory["stream"]
     assert streamed["ppl"] == in_memory["ppl"]  # block-by-block evaluation: the same floats
@@ -85,6 +88,9 @@ def test_streamed_prune_is_bit_identical_to_in_memory(arch, options, tmp_path, t
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, _in_memory(tmp_path / "mem")(ids).logits)
     assert not any(p.name.startswith(".str.optima") for p in tmp_path.iterdir())  # staging removed
+    masks = open_masks(tmp_path / "str.masks")  # --save_masks: read from the pruned shards, the same masks
+    assert sorted(masks.keys()) == sorted(open_masks(tmp_path / "mem.masks").keys())
+    assert all(torch.equal(masks.mask(k), b[k + ".weight"] == 0) for k in masks.keys())
 
 
 def test_at_most_one_block_is_in_memory(tmp_path, tokenizer, monkeypatch):

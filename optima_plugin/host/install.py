@@ -100,6 +100,10 @@ class HostOptions:
             known = registry(kind)
             if name is not None and name not in known:
                 raise ValueError(f"unknown {flag} {name!r}; known: {', '.join(sorted(known))}")
+        if self.mask_selector is not None and hasattr(registry("selectors")[self.mask_selector], "prepare"):
+            raise ValueError(f"--mask_selector {self.mask_selector} needs a whole run's setup (e.g. its mask file "
+                             f"matched to the model), which a host's loop does not give it; run optima-prune "
+                             f"--prune_method {self.mask_selector} instead")
         get_solver(self.solver)
         unknown = sorted(set(self.no_shim) - set(SHIMS))
         if unknown:

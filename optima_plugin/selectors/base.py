@@ -60,6 +60,14 @@ class MaskSelector(Protocol):
         """
         ...
 
+    # Optional: ``needs_name = True``: :meth:`select` is also given ``name=`` (the linear's full module
+    # name, ``model.layers.0.self_attn.q_proj``), for selectors that look masks up by layer (``file``).
+    #
+    # Optional: ``prepare(config, linears, prefix)``: called once per run after the model is loaded and
+    # before calibration, with the :class:`~optima_plugin.config.PruneConfig`, ``{name: nn.Linear}`` of
+    # the linears to prune and the blocks' path (``model.layers``); raise ``ValueError`` there for
+    # anything that would fail later (a missing file, a layer it cannot handle).
+    #
     # Optional: ``score(weight, hessian) -> Tensor`` (``r x d`` float32, lower is
     # pruned first), the static ranking that row allocators (TRIM) try per-row
     # ratios with; see :func:`selector_scores`.
