@@ -201,8 +201,10 @@ def prune_and_quantize(
 
     ``update_weights=True`` applies the OPTIMA update (``use_qp_solver=True``: the
     exact ``pcg`` solver; ``False``: the paper's Adam fallback); ``False`` keeps the
-    selector's own update. Quantization and low-rank options other than their off
-    values raise ``NotImplementedError``.
+    selector's own update. ``prune_method="maskllm"`` with ``mask_checkpoint=PATH``
+    reads the masks of a MaskLLM-style file (1 = kept; selector ``file``, see
+    :mod:`optima_plugin.maskfile`). Quantization and low-rank options other than their
+    off values raise ``NotImplementedError``.
     """
     unsupported = {
         "quantize_weight": quantize_weight, "slim_quant": slim_quant,
