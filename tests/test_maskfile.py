@@ -140,6 +140,8 @@ def test_bad_mask_files_are_refused_before_calibration(wanda_run, tmp_path, monk
     refused("drop --mask_convention kept", mask_checkpoint=str(ours), mask_convention="kept")
     refused("drop --use_trim", mask_checkpoint=str(ours), use_trim=True)
     refused("must be an existing file", mask_checkpoint=str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match="add --prune_method file"):  # a file given to another selector
+        prune(tiny_model("llama"), tok, prune_method="wanda", mask_checkpoint=str(ours), **FAST)
     assert calibrated == []
     halves = {k: v.float() * 0.5 for k, v in dense.items()}
     refused(r"holds values other than 0 and 1 \(e\.g\. 0\.5\)", mask_checkpoint=str(_plain(tmp_path, halves)),
