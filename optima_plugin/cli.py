@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--nsamples", type=int, default=d.nsamples, help="calibration windows")
     a("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
     a("--seed", type=int, default=d.seed)
-    a("--calibration_dataset", default=d.calibration_dataset, help="c4, wikitext2, pydoc or a local text/JSONL path")
+    a("--calibration_dataset", default=d.calibration_dataset,
+      help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path")
     a("--batch_size", type=int, default=d.batch_size, help="calibration windows per forward")
     a("--skip_attention", action="store_true", help="prune MLP linears only")
     a("--double_precision", action="store_true", help="solve in float64")
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=d.device, help="auto, cuda or cpu")
     a("--offload", action=argparse.BooleanOptionalAction, default=None,
       help="keep the model on CPU and onload one block at a time (default: on with a GPU)")
-    a("--eval_ppl", default="", help="comma-separated datasets for perplexity (e.g. pydoc,wikitext2)")
+    a("--eval_ppl", default="",
+      help="comma-separated datasets for perplexity (e.g. pydoc,sherlock; also c4, wikitext2, a local path)")
     a("--eval_max_windows", type=int, default=None, help="cap on perplexity windows")
     a("--eval_zero_shot", nargs="?", const=",".join(DEFAULT_TASKS), default="", metavar="TASKS",
       help="comma-separated lm-eval tasks for zero-shot accuracy (bare flag: %(const)s)")
@@ -159,11 +161,23 @@ def print_summary(report: dict, out=None) -> None:
     mem = report.get("memory", {})
     print(f"prune time {t['prune_seconds']:.1f} s, peak RSS {mem.get('peak_rss_mb', float('nan')):.0f} MB"
           + (f", CUDA peak {mem['cuda_peak_mb']:.0f} MB" if mem.get("cuda_peak_mb") else ""), file=out)
-    for stage, values in report.get("ppl", {}).items():
-        for ds, v in values.items():
-            print(f"perplexity {ds:10} {stage:7} {v:10.3f}", file=out)
+    print_perplexity(report.get("ppl", {}), out)
     if report.get("zero_shot"):
         print_zero_shot(report["zero_shot"], out)
+
+
+def print_perplexity(ppl: dict, out=None) -> None:
+    """The ``ppl`` report entry as a table: one row per dataset, dense and pruned side by side."""
+    out = out or sys.stdout
+    stages = [s for s in ("dense", "pruned") if ppl.get(s)]
+    if not stages:
+        return
+    names = list(dict.fromkeys(ds for s in stages for ds in ppl[s]))
+    width = max([len("perplexity")] + [len(n) for n in names])
+    print(f"\n{'perplexity':{width}}" + "".join(f" {s:>10}" for s in stages), file=out)
+    for ds in names:
+        cells = (f" {ppl[s][ds]:10.3f}" if ppl[s].get(ds) is not None else f" {'-':>10}" for s in stages)
+        print(f"{ds:{width}}" + "".join(cells), file=out)
 
 
 def print_zero_shot(zero_shot: dict, out=None) -> None:

@@ -1,8 +1,13 @@
-"""Calibration and evaluation text: c4, wikitext2, pydoc, or local files.
+"""Calibration and evaluation text: pydoc, sherlock, c4, wikitext2, or local files.
 
 * ``pydoc``: Python's own documentation (``pydoc_data.topics``, on every CPython);
   calibration windows come only from the first 80% of its tokens, evaluation
   only from the last 20%.
+* ``sherlock``: *The Adventures of Sherlock Holmes* (Project Gutenberg eBook #1661,
+  public domain in the USA), shipped in ``optima_plugin/texts/`` with its Project
+  Gutenberg license: narrative English prose, a second domain unlike Python's docs,
+  available offline. Only the book between the ``*** START OF`` and ``*** END OF``
+  lines is used (no license text in the tokens); the same 80/20 split as ``pydoc``.
 * ``c4`` / ``wikitext2``: the hosts' hub datasets through ``datasets`` (Wanda's
   files and protocol). Offline, point ``OPTIMA_DATA_DIR`` at local copies:
   ``c4-train.00000-of-01024.json(.gz)`` / ``c4-validation.00000-of-00008.json(.gz)``
@@ -24,7 +29,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CALIBRATION_SHARE = 0.8
-BUILTIN = ("pydoc", "c4", "wikitext2")
+BUILTIN = ("pydoc", "sherlock", "c4", "wikitext2")
+#: the shipped Project Gutenberg file behind ``sherlock`` (license header and footer included)
+SHERLOCK_FILE = "sherlock-holmes-pg1661.txt"
 #: consecutive C4 documents too short for a window before giving up (Wanda's loop never does); with 5% of
 #: documents long enough, 1000 misses in a row has probability 0.95**1000 ≈ 5e-23
 C4_MAX_MISSES = 1000
@@ -36,6 +43,32 @@ def pydoc_text() -> str:
 
     return "\n\n".join(topics[k] for k in sorted(topics))
 
+
+def sherlock_file():
+    """The shipped ``sherlock`` file (an ``importlib.resources`` traversable), license text included."""
+    from importlib.resources import files
+
+    return files("optima_plugin") / "texts" / SHERLOCK_FILE
+
+
+def gutenberg_body(text: str) -> str:
+    """The book of a Project Gutenberg file: the lines strictly between its ``*** START OF`` and
+    ``*** END OF`` markers, without the header and the license that follows (``ValueError`` if absent)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("*** START OF")), None)
+    end = next((i for i, line in enumerate(lines) if line.strip().startswith("*** END OF")), None)
+    if start is None or end is None or end <= start:
+        raise ValueError("not a Project Gutenberg text: no '*** START OF' ... '*** END OF' markers")
+    return "\n".join(lines[start + 1 : end]).strip() + "\n"
+
+
+def sherlock_text() -> str:
+    """*The Adventures of Sherlock Holmes*, without the Project Gutenberg header and license."""
+    raw = sherlock_file().read_bytes().decode("utf-8-sig")  # the file starts with a BOM and has CRLF lines
+    return gutenberg_body(raw)
+
+
+BUILTIN_TEXTS = {"pydoc": pydoc_text, "sherlock": sherlock_text}
 
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl")
 
@@ -141,8 +174,8 @@ def load_wikitext2(split: str) -> list[str]:
 
 
 def _joined_source_tokens(source: str, tokenizer) -> torch.Tensor:
-    if source == "pydoc":
-        text = pydoc_text()
+    if source in BUILTIN_TEXTS:
+        text = BUILTIN_TEXTS[source]()
     else:
         path = Path(source)
         if not source.strip() or not path.exists():
@@ -188,7 +221,7 @@ def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: in
 
 
 def get_eval_tokens(source: str, tokenizer, seqlen: int = 2048) -> torch.Tensor:
-    """``(1, N)`` int64 evaluation tokens of ``source`` (held-out part for pydoc/local text)."""
+    """``(1, N)`` int64 evaluation tokens of ``source`` (held-out last 20% for pydoc/sherlock/local text)."""
     if source == "c4":
         # Wanda: the first 1100 validation documents joined by spaces, first 256 windows.
         ids = tokenizer(" ".join(load_c4("validation")[:1100]), return_tensors="pt").input_ids

@@ -70,3 +70,22 @@ def test_console_script_runs_as_module(tiny_dir):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "--sparsity_ratio must be in [0, 1)" in proc.stderr
+
+
+def test_eval_ppl_on_two_domains_reports_and_prints_both(tiny_dir, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    argv = ["--model", str(tiny_dir), "--nsamples", "2", "--seqlen", "32", "--eval_ppl", "pydoc,sherlock",
+            "--eval_max_windows", "2", "--report", str(report), "--quiet"]
+    assert cli.main(argv) == 0
+    ppl = json.loads(report.read_text())["ppl"]
+    assert set(ppl) == {"dense", "pruned"}
+    for stage in ("dense", "pruned"):
+        assert set(ppl[stage]) == {"pydoc", "sherlock"}
+        assert all(1 < v < float("inf") for v in ppl[stage].values())
+    assert ppl["dense"]["pydoc"] != ppl["dense"]["sherlock"]  # two different texts
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("perplexity"))
+    assert header.split() == ["perplexity", "dense", "pruned"]
+    for ds in ("pydoc", "sherlock"):
+        row = next(line for line in out.splitlines() if line.split()[:1] == [ds])
+        assert [float(x) for x in row.split()[1:]] == pytest.approx([ppl["dense"][ds], ppl["pruned"][ds]], rel=1e-3)

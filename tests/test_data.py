@@ -1,9 +1,15 @@
-"""Calibration/evaluation text: pydoc split, local files, c4/wikitext2 through `datasets` on local files."""
+"""Calibration/evaluation text: pydoc and sherlock splits, local files, c4/wikitext2 through `datasets` on local files."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import shutil
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +65,7 @@ def test_local_txt_jsonl_and_directory(tmp_path, tok):
 
 
 def test_missing_path_and_short_text(tmp_path, tok):
-    with pytest.raises(FileNotFoundError, match="neither one of pydoc, c4, wikitext2"):
+    with pytest.raises(FileNotFoundError, match="neither one of pydoc, sherlock, c4, wikitext2"):
         get_calibration(str(tmp_path / "nope.txt"), tok, 2, 32)
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(ValueError, match="too few for --seqlen"):
@@ -98,3 +104,90 @@ def test_perplexity_protocol_matches_manual_loss(tok):
         losses = [model(input_ids=tokens[:, i * 32 : (i + 1) * 32], labels=tokens[:, i * 32 : (i + 1) * 32]).loss
                   for i in range(3)]
     assert ppl == pytest.approx(float(torch.exp(torch.stack(losses).mean())), rel=1e-4)
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "optima_plugin" / "texts" / "sherlock-holmes-pg1661.txt"
+
+
+def _raw_book() -> str:
+    """The shipped file as text (BOM and CRLF removed), read without optima_plugin.data."""
+    return SHIPPED.read_bytes().decode("utf-8-sig").replace("\r\n", "\n")
+
+
+def _locate(text: str, raw: str) -> tuple:
+    """(first, last) character offsets in raw of the middle of a decoded token window (its ends may be
+    partial characters); asserts it is found."""
+    core = text[3:-3]
+    assert len(core) > 40, text
+    first, last = raw.find(core), raw.rfind(core)
+    assert first >= 0, core[:80]
+    return first, last + len(core)
+
+
+def test_sherlock_loads_offline_and_ships_its_license(tok, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("sherlock must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    from optima_plugin.data import BUILTIN, check_dataset, sherlock_file, sherlock_text
+
+    assert "sherlock" in BUILTIN
+    check_dataset("sherlock", "--eval_ppl")  # a built-in name, no path needed
+    shipped = sherlock_file().read_bytes()
+    assert shipped == SHIPPED.read_bytes()  # the package resource is the file in the repository, unchanged
+    assert b"Project Gutenberg License" in shipped and b"*** START OF THE PROJECT GUTENBERG EBOOK" in shipped
+    assert b"*** END OF THE PROJECT GUTENBERG EBOOK" in shipped
+    text = sherlock_text()
+    assert text.startswith("The Adventures of Sherlock Holmes")
+    assert text.rstrip().endswith("where I believe that she has met with considerable success.")
+    for license_words in ("Gutenberg", "License", "*** START", "*** END", "\r", "\ufeff"):
+        assert license_words not in text
+    raw = _raw_book()
+    assert text.strip() in raw  # the book, verbatim
+    assert len(text) > 0.95 * (raw.index("*** END OF") - raw.index("*** START OF"))  # all of it
+    calib = get_calibration("sherlock", tok, nsamples=4, seqlen=64, seed=0)
+    ev = get_eval_tokens("sherlock", tok)
+    assert calib.shape == (4, 64) and ev.shape[0] == 1 and ev.shape[1] > 10000
+    used = tok.decode(ev[0]) + "".join(tok.decode(w) for w in calib)
+    assert "Gutenberg" not in used and "gutenberg" not in used.lower()
+
+
+def test_sherlock_calibration_from_first_80_percent_eval_from_last_20(tok):
+    """Located in the raw shipped file by text, independently of the split code."""
+    raw = _raw_book()
+    body_start = raw.index("*** START OF THE PROJECT GUTENBERG EBOOK")
+    body_end = raw.index("*** END OF THE PROJECT GUTENBERG EBOOK")
+    ev = get_eval_tokens("sherlock", tok)[0]
+    eval_text = tok.decode(ev)
+    # the held-out part: a contiguous tail of the book, ending at its last sentence
+    eval_start, _ = _locate(eval_text[:300], raw)
+    assert raw.find(eval_text[3:300]) == raw.rfind(eval_text[3:300])  # unique
+    assert eval_text.rstrip().endswith("considerable success.")
+    assert eval_text[3:-3] in raw[eval_start:body_end]
+    book = raw[body_start:body_end]
+    share = (body_end - eval_start) / (body_end - body_start)
+    assert 0.15 < share < 0.25, share  # the last ~20% (of tokens; characters roughly follow)
+    calib = get_calibration("sherlock", tok, nsamples=16, seqlen=64, seed=0)
+    for window in calib:
+        first, last_end = _locate(tok.decode(window), raw)
+        assert body_start < first and last_end <= eval_start + 3, (first, last_end, eval_start)
+    assert len(book) > 500000
+
+
+def test_sherlock_ships_in_the_wheel(tmp_path):
+    """Build a wheel from a copy of the package (no network: the installed setuptools) and find the file."""
+    pytest.importorskip("setuptools")  # the build backend, used as installed (--no-build-isolation: offline)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "optima_plugin", src / "optima_plugin",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("optima_plugin-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("optima_plugin/texts/sherlock-holmes-pg1661.txt") == SHIPPED.read_bytes()
+        assert "optima_plugin/texts/README.md" in z.namelist()
