@@ -121,13 +121,9 @@ def _pruned_masks(model: nn.Module, stream: Optional[StreamedModel], layers: lis
         for x in layers:
             yield x["name"], modules[x["name"]].weight.detach() == 0
         return
-    from safetensors import safe_open
-
-    sources = stream.pruned().sources
+    pruned = stream.pruned()
     for x in layers:
-        shard, key = sources[x["name"] + ".weight"]
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            yield x["name"], f.get_tensor(key) == 0
+        yield x["name"], pruned.tensor(x["name"] + ".weight") == 0
 
 
 @contextmanager

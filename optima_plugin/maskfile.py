@@ -79,7 +79,8 @@ class MaskFile:
     path: Path
     layout: str
     shapes: dict[str, tuple[int, ...]]
-    _tensors: Optional[dict] = None  # torch.save files: everything loaded at open
+    _tensors: Optional[dict] = None  # torch.save files: the tensors by key, loaded at open (TRIM's: packed masks)
+    _trim_info: Optional[dict] = None  # TRIM's layout: "<block>/<linear>" -> its metadata (shape, mask_key)
     _kept: bool = False  # plain files with --mask_convention kept: 1 = kept
 
     def keys(self) -> list[str]:
@@ -104,8 +105,7 @@ class MaskFile:
     def mask(self, key: str) -> Tensor:
         """The bool mask (True = pruned) stored under ``key``; ``ValueError`` for values other than 0/1."""
         if self.layout == "trim":
-            info = self._tensors["index"][key]
-            return unpack(self._tensors["masks"][info["mask_key"]], self.shapes[key])
+            return unpack(self._tensors[self._trim_info[key]["mask_key"]], self.shapes[key])
         if self._tensors is not None:
             value = self._tensors[key]
         else:
@@ -161,7 +161,7 @@ def open_masks(path: str | Path, convention: Optional[str] = None) -> MaskFile:
             for rel, info in linears.items():
                 index[f"{block}/{rel}"] = info
                 shapes[f"{block}/{rel}"] = tuple(info["shape"])
-        return MaskFile(path, "trim", shapes, _tensors={"index": index, "masks": data["masks"]})
+        return MaskFile(path, "trim", shapes, _tensors=data["masks"], _trim_info=index)
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()):

@@ -231,6 +231,12 @@ class StreamedModel:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
         return path
 
+    def tensor(self, name: str) -> Tensor:
+        """The tensor ``name`` (full state-dict name) as its file holds it, read from disk on the CPU."""
+        path, key = self.sources[name]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+
     def has_block(self, index: int) -> bool:
         """Whether block ``index``'s shard is in :attr:`staging`."""
         return self.staging is not None and (self.staging / shard_name(index, self.num_shards)).is_file()
