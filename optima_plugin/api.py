@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpoint
 from .config import PruneConfig
+from .distributed import check_options, setup as join_job
 from .engine import prune_model, resolve_device
 from .evaluation import eval_ppl, eval_zero_shot
 from .evaluation.zero_shot import check_tasks
@@ -45,7 +46,16 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     (:func:`~optima_plugin.streaming.open_streamed`): its blocks are read from disk one at
     a time and written to ``save_model`` (required) as they are pruned; perplexity is
     measured block by block.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank calls this with the same arguments: the ranks
+    prune together (:mod:`optima_plugin.distributed`); only rank 0 shows progress, evaluates, saves
+    and writes the report, the others wait for it and return their own report (without ``ppl``).
     """
+    job = join_job(options.get("device"))
+    if job is not None:
+        check_options(options, job)
+        progress = progress and job.is_main()
+    main = job is None or job.is_main()
     stream = model if isinstance(model, StreamedModel) else None
     if stream is not None:
         options["stream"] = True
@@ -65,16 +75,21 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     ppl: dict = {}
     zero_shot: dict = {}
     evaluated = stream if stream is not None else model
-    if config.eval_dense and config.eval_ppl:
+    if main and config.eval_dense and config.eval_ppl:
         ppl["dense"] = _evaluate(evaluated, tokenizer, config, progress)
-    if config.eval_dense and config.eval_zero_shot:
+    if main and config.eval_dense and config.eval_zero_shot:
         zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
+    if job is not None:
+        job.wait_for_main()  # rank 0's dense evaluation, without the collective timeout
     with _staging(stream, config):
         t0 = time.perf_counter()
         with PeakMemory() as mem:
             report = prune_model(model, tokenizer, config, progress=progress, stream=stream)
         report["timings"]["total_prune_seconds"] = time.perf_counter() - t0
         report["memory"] = mem.to_dict()
+        if not main:
+            job.wait_for_main()  # rank 0 evaluates, saves and reports
+            return report
         try:
             if config.eval_ppl:
                 evaluated = stream.pruned() if stream is not None else model
@@ -110,6 +125,8 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
         Checkpoint(config.checkpoint_dir, {}).remove()
     elif config.checkpoint_dir:
         log.info("checkpoint kept in %s (the same command reuses it; delete it when done)", config.checkpoint_dir)
+    if job is not None:
+        job.wait_for_main()  # the other ranks may exit now
     return report
 
 

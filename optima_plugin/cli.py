@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import warnings
@@ -14,6 +15,7 @@ import torch
 
 from .checkpoint import RunInterrupted
 from .config import PruneConfig
+from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
 
@@ -205,9 +207,24 @@ def print_zero_shot(zero_shot: dict, out=None) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``optima-prune``; under torchrun (``torchrun --nproc_per_node N -m optima_plugin.cli ...``) one rank of
+    the job: rank 0 logs, evaluates, saves and prints; the others log errors only, each line tagged with its rank."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING if "--quiet" in argv else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0")) if launched() else None
+    if rank is None:
+        logging.basicConfig(level=logging.WARNING if "--quiet" in argv else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+    else:  # the other ranks compute what rank 0 does: their warnings would repeat its own
+        logging.basicConfig(level=logging.ERROR if rank else logging.WARNING if "--quiet" in argv else logging.INFO,
+                            format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    code = _main(argv, rank)
+    if code == 0:
+        teardown()  # after a failure the process just exits: tearing down could wait on the failed peers
+    return code
+
+
+def _main(argv: list, rank: Optional[int]) -> int:
+    where = "" if rank is None else f"rank {rank} of {os.environ.get('WORLD_SIZE')}: "
     get_plugin_manager(disabled=disabled_plugins(argv))  # before any entry point loads
     args = build_parser().parse_args(argv)
     # The solvers' RuntimeWarnings are logged too (one line each): do not print them twice.
@@ -239,6 +256,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         source, gguf_file = _model_source(args)
         options["model_path"] = source
         options["stream"] = _stream_wanted(args, source, gguf_file)
+        if rank is not None:
+            check_options(options, join_job(args.device))
         config = PruneConfig.from_options(**options)  # every option, input and output path, before the load
         from .api import prune
         from .engine import resolve_device
@@ -256,10 +275,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = prune(model, tokenizer, progress=not args.quiet, **options)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
             ImportError, torch.linalg.LinAlgError) as e:
-        print(f"optima-prune: error: {e}", file=sys.stderr)
+        print(f"optima-prune: {where}error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
-        print(f"optima-prune: {e}", file=sys.stderr)
+        print(f"optima-prune: {where}{e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         if config is not None and config.checkpoint_dir and Path(config.checkpoint_dir, "state.json").exists():
@@ -269,6 +288,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("optima-prune: interrupted; nothing was saved (with --save_model or --checkpoint_dir a run "
                   "stops after the current block on Ctrl-C and resumes)", file=sys.stderr)
         return 130
+    except Exception as e:
+        if rank is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"optima-prune: rank {rank} of {os.environ.get('WORLD_SIZE')} failed: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        return 1
+    if rank:
+        return 0
     print_summary(report)
     if args.report:
         log.info("report written to %s", args.report)

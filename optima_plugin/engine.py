@@ -36,6 +36,7 @@ from .allocators import AllocationContext, resolve_layer_ratios, row_summary
 from .checkpoint import Checkpoint, RunInterrupted, run_identity, stop_after_block
 from .config import PruneConfig
 from .data import get_calibration
+from .distributed import SyncedSelector, current as current_job
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
 from .plugins import get_plugin_manager, lookup
@@ -171,6 +172,11 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     allocator = lookup("allocators", config.allocation, "--allocation")
     row_allocator = lookup("row_allocators", config.row_allocation, "--use_trim") if config.row_allocation else None
     device = resolve_device(config.device)
+    dist = current_job()  # under torchrun: this rank's share of the windows, its rows of every solve
+    if dist is not None:
+        selector = SyncedSelector(selector, dist)
+        if device.type == "cuda":  # rank r on its node's GPU LOCAL_RANK
+            device = torch.device("cuda", dist.local_rank)
     offload = True if stream is not None else (config.offload if config.offload is not None
                                                 else device.type == "cuda")
     adapter = get_adapter(model)
@@ -221,7 +227,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         t_alloc = time.perf_counter() - t_alloc
         pipe = BlockPipeline(adapter, device=device, batch_size=config.batch_size,
                              storage=torch.device("cpu") if offload else device,
-                             offload="cpu" if offload else None, oom_backoff=oom_backoff, stream=stream)
+                             offload="cpu" if offload else None, oom_backoff=oom_backoff, stream=stream,
+                             dist=dist)
         inputs = pipe.capture(tokens)
         if resume and start < num_blocks:
             pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
@@ -229,7 +236,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                      else f"the checkpoint's inputs of block {start}")
         t_capture = time.perf_counter() - t_start - t_alloc
         hdtype = torch.float64 if config.double_precision else torch.float32
-        options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision)
+        options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision,
+                                split=dist)
         prefix = blocks_path(adapter)
         pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
         observers[0].skip(start)
@@ -258,7 +266,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                     del hessians
                     pipe.propagate(i, block)
                     check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
-                    if stream is not None:
+                    if stream is not None and (dist is None or dist.is_main()):
                         stream.write_block(i, block)
                 seconds = time.perf_counter() - t_block
                 if checkpoint is not None:
@@ -290,6 +298,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                 "prune_seconds": time.perf_counter() - t_start,
             },
         }
+        if dist is not None:
+            report["distributed"] = distributed_summary(dist, report["timings"], pipe.inputs.shape[0])
         pm.hook.optima_run_done(report=report)
         return report
     except Exception:
@@ -316,8 +326,16 @@ def _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, t
     if tokens is None and not config.load_layer_ratio:
         return None
     context = AllocationContext(model, adapter, config.sparsity_ratio, linears, config=config, tokens=tokens,
-                                device=device, offload=offload, progress=progress, stream=stream)
+                                device=device, offload=offload, progress=progress, stream=stream,
+                                dist=current_job())
     return resolve_layer_ratios(allocator, context)
+
+
+def distributed_summary(dist, timings: dict, windows: int) -> dict:
+    """The report's ``distributed`` entry: world size, backend, and each rank's windows and times (gathered)."""
+    mine = {"rank": dist.rank, "windows": windows, "prune_seconds": timings["prune_seconds"],
+            "block_seconds_total": sum(timings["block_seconds"])}
+    return {"world_size": dist.world_size, "backend": dist.backend, "ranks": dist.gather_object(mine)}
 
 
 def summarize(layers: list) -> dict:

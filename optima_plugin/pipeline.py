@@ -94,11 +94,14 @@ class BlockPipeline:
         oom_backoff: list the out-of-memory back-offs are appended to (``{block, pass, batch}``).
         stream: a :class:`~optima_plugin.streaming.StreamedModel` whose blocks are read from
             disk at onload and freed (back to the meta device) at offload; ``offload`` is unused.
+        dist: under torchrun, the job's :class:`~optima_plugin.distributed.Distributed`: this rank
+            captures and propagates only its share of the windows, and :meth:`hessians` are
+            all-reduced (token-weighted); users of :meth:`statistics` reduce their own accumulators.
     """
 
     def __init__(self, adapter: ModelAdapter, *, device: torch.device, batch_size: int = 1,
                  storage: Optional[torch.device] = None, offload: Optional[torch.device | str] = None,
-                 oom_backoff: Optional[list] = None, stream=None) -> None:
+                 oom_backoff: Optional[list] = None, stream=None, dist=None) -> None:
         self.adapter = adapter
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -106,11 +109,15 @@ class BlockPipeline:
         self.offload = offload
         self.oom_backoff = oom_backoff if oom_backoff is not None else []
         self.stream = stream
+        self.dist = dist
         self.inputs: Optional[Tensor] = None
         self.kwargs: list = []
 
     def capture(self, tokens: Tensor) -> Tensor:
-        """Block-0 inputs of ``tokens`` and every block's call kwargs (one dense pass); returns the inputs."""
+        """Block-0 inputs of ``tokens`` (under torchrun: of this rank's share) and every block's call kwargs
+        (one dense pass); returns the inputs."""
+        if self.dist is not None:
+            tokens = self.dist.share(tokens)
         self.inputs, self.kwargs = capture_block_inputs(self.adapter, tokens, device=self.device,
                                                         batch_size=self.batch_size, storage_device=self.storage)
         return self.inputs
@@ -171,6 +178,10 @@ class BlockPipeline:
         owners = input_owners(todo, groups)
         hooked_on = {rel: todo[rel] for rel in sorted(set(owners.values()))}
         accs = self.statistics(index, block, hooked_on, lambda: HessianAccumulator(dtype))
+        if self.dist is not None:  # H = Σ n_r H_r / Σ n_r: the same on every rank
+            for rel, acc in accs.items():
+                d = hooked_on[rel].in_features
+                acc.hessian, acc.tokens = self.dist.mean(acc.hessian, acc.tokens, (d, d), dtype)
         for rel in todo:
             check_finite(accs[owners[rel]].hessian, f"{(names or {}).get(rel, rel)}: its input Hessian")
         return {rel: accs[owners[rel]].hessian for rel in todo}

@@ -63,6 +63,8 @@ def resolve_layer_ratios(allocator, context: AllocationContext) -> dict:
         raise ValueError(f"layer ratio {bad[0][1]:.4f} of {bad[0][0]} is outside [0, 1) "
                          f"({len(bad)} such layers); check the allocator's options or --load_layer_ratio")
     save = context.option("save_layer_ratio")
+    if context.dist is not None and not context.dist.is_main():
+        save = None  # under torchrun every rank holds the same ratios; rank 0 writes them
     if save:
         save_layer_ratios(save, ratios, allocation=allocator.name, target=context.target)
     return ratios

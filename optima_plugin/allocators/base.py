@@ -39,6 +39,9 @@ class AllocationContext:
         stream: the :class:`~optima_plugin.streaming.StreamedModel` when the blocks are on
             disk (their weights on the meta device): read them through :meth:`weights` or a
             :class:`~optima_plugin.pipeline.BlockPipeline` given this stream.
+        dist: under torchrun, the job's :class:`~optima_plugin.distributed.Distributed`
+            (``tokens`` are then all the windows; a statistics pass takes this rank's share
+            and all-reduces its sums, so every rank allocates the same ratios); None otherwise.
     """
 
     model: nn.Module
@@ -51,6 +54,7 @@ class AllocationContext:
     offload: bool = False
     progress: bool = False
     stream: Any = None
+    dist: Any = None
 
     def block_weights(self) -> Iterator[dict[str, Tensor]]:
         """``{full name: weight}`` of the linears to prune, one dict per block that has any, in block

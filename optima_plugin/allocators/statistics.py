@@ -5,7 +5,8 @@ inputs are captured, then each block is onloaded, run once over all windows with
 forward hooks that sum ``x_j²`` per input column of each of its linears, and its
 outputs become the next block's inputs in the same pass (the shared
 :class:`~optima_plugin.pipeline.BlockPipeline`, an ``outputs=True`` statistics
-pass). Cost: one dense forward of the calibration set through the decoder blocks (no Hessians, ``O(tokens · d)`` per hook), about a
+pass). Under torchrun each rank passes its share of the windows and the sums are
+all-reduced, so every rank gets the single-process norms. Cost: one dense forward of the calibration set through the decoder blocks (no Hessians, ``O(tokens · d)`` per hook), about a
 third of the pruning passes' forward work; memory: the ``(n, seqlen, hidden)``
 block inputs once more, freed before pruning starts.
 """
@@ -57,7 +58,7 @@ def dense_input_norms(context: AllocationContext) -> dict[str, Tensor]:
                          "run it through prune() or pass tokens")
     storage = torch.device("cpu") if context.offload else torch.device(context.device)
     pipe = BlockPipeline(context.adapter, device=context.device, batch_size=context.option("batch_size"),
-                         storage=storage, stream=context.stream)
+                         storage=storage, stream=context.stream, dist=context.dist)
     pipe.capture(context.tokens)
     norms: dict[str, Tensor] = {}
     groups = linears_by_block(context)
@@ -65,5 +66,10 @@ def dense_input_norms(context: AllocationContext) -> dict[str, Tensor]:
     for i in tqdm(range(last + 1), desc="dense statistics", unit="block", disable=not context.progress):
         with pipe.onloaded(i) as block:
             accs = pipe.statistics(i, block, groups[i], ColumnNorms, outputs=True)
+            if context.dist is not None:  # this rank's windows only: sum the sums and the token counts
+                for name, acc in accs.items():
+                    d = groups[i][name].in_features
+                    acc.sum = context.dist.sum_(acc.sum if acc.sum is not None else torch.zeros(d))
+                    acc.tokens = int(context.dist.sum_(torch.tensor([float(acc.tokens)], dtype=torch.float64)))
         norms.update({name: acc.mean.cpu() for name, acc in accs.items()})
     return norms

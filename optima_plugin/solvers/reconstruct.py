@@ -17,13 +17,16 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
 from .base import Solver, SolverOutput, get_solver
 from .problem import Problem, escalate_damp, figures, prepare, validate
+
+if TYPE_CHECKING:
+    from ..distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,32 @@ def _solve_rows(
     return joined, chunk
 
 
+def _solve_split(
+    solve: Solver, problem: Problem, chunk: int, split: "Distributed", *, tol: Optional[float],
+    max_iter: Optional[int]
+) -> tuple[SolverOutput, int]:
+    """:func:`_solve_rows` on this rank's slice of the rows (:meth:`Distributed.rows`), all-gathered: every
+    rank returns the same ``r x d`` weights, the most iterations and whether every rank converged.
+
+    A factorisation that fails on one rank fails on all (so they escalate damping together).
+    """
+    r = problem.weight.shape[0]
+    mine = split.rows(r)
+    part, error = None, None
+    if mine.stop > mine.start:
+        try:
+            part, chunk = _solve_rows(solve, problem.rows(mine), min(chunk, mine.stop - mine.start),
+                                      tol=tol, max_iter=max_iter)
+        except torch.linalg.LinAlgError as err:
+            error = err
+    if not split.all_true(error is None):
+        raise error if error is not None else torch.linalg.LinAlgError("another rank's rows failed to factorise")
+    if part is None:  # fewer rows than ranks: nothing to solve here
+        part = SolverOutput(problem.weight[:0].clone(), 0, True)
+    weight = split.gather_rows(part.weight, r)
+    return SolverOutput(weight, split.max_int(part.iterations), split.all_true(part.converged)), chunk
+
+
 def reconstruct(
     weight: Tensor,
     pruned: Tensor,
@@ -141,6 +170,7 @@ def reconstruct(
     tol: Optional[float] = None,
     max_iter: Optional[int] = None,
     double_precision: bool = False,
+    split: Optional["Distributed"] = None,
 ) -> Reconstruction:
     """Re-solve the kept weights of a layer so its outputs match the dense layer.
 
@@ -153,6 +183,9 @@ def reconstruct(
             when the damped Hessian is not positive definite or rows explode.
         tol, max_iter: solver tolerance and iteration cap (solver defaults if None).
         double_precision: compute in float64 instead of float32.
+        split: under torchrun (:mod:`optima_plugin.distributed`), every rank solves its slice of
+            the rows and the slices are all-gathered; every rank of the job must call with the same
+            arguments, and all return the same result.
 
     Returns:
         A :class:`Reconstruction`. Its weights are never worse (by the undamped
@@ -171,7 +204,10 @@ def reconstruct(
     def attempt(dmp: float, last: bool) -> tuple[Problem, SolverOutput, Tensor, Tensor]:
         nonlocal chunk
         problem = prepare(weight, pruned, hessian, damp=dmp, double_precision=double_precision)
-        out, chunk = _solve_rows(solve, problem, chunk, tol=tol, max_iter=max_iter)
+        if split is not None and split.world_size > 1:
+            out, chunk = _solve_split(solve, problem, chunk, split, tol=tol, max_iter=max_iter)
+        else:
+            out, chunk = _solve_rows(solve, problem, chunk, tol=tol, max_iter=max_iter)
         # the figures are those of the weights returned: round to their dtype first
         new = out.weight.to(weight.dtype).to(problem.dtype).masked_fill(problem.pruned, 0.0)
         bad = exploded_rows(new, problem.weight)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -34,13 +34,18 @@ class Update:
 
 @dataclass
 class UpdateOptions:
-    """Solver settings an updater may use."""
+    """Solver settings an updater may use.
+
+    ``split``: under torchrun, the job's :class:`~optima_plugin.distributed.Distributed`: an updater may
+    solve its share of the rows and gather them (``optima`` does); every rank must end with the same weights.
+    """
 
     solver: str = "pcg"
     damp: float = 0.01
     tol: Optional[float] = None
     max_iter: Optional[int] = None
     double_precision: bool = False
+    split: Any = None
 
 
 class NoUpdate:
@@ -71,7 +76,7 @@ class OptimaUpdate:
                options: UpdateOptions) -> Update:
         res = reconstruct(weight, selection.pruned, hessian, solver=options.solver, damp=options.damp,
                           tol=options.tol, max_iter=options.max_iter,
-                          double_precision=options.double_precision)
+                          double_precision=options.double_precision, split=options.split)
         keys = ("solver", "iterations", "converged", "kkt_residual", "seconds", "damp", "fallback",
                 "mask_only_rows", "row_chunk")
         stats = {k: res.stats()[k] for k in keys}
