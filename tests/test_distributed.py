@@ -205,3 +205,12 @@ def test_cli_streams_saves_and_reports_like_one_process(tmp_path, tiny_dir):
         assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) <= 1e-5, key
     leftovers = [p.name for p in tmp_path.iterdir() if "optima-stream" in p.name]
     assert not leftovers  # no rank left a staging folder behind
+
+
+def test_the_host_seam_refuses_torchrun(monkeypatch):
+    from optima_plugin.host.install import active_seam, install
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="the host seam does not run under torchrun"):
+        install()
+    assert active_seam() is None

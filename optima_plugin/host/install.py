@@ -246,6 +246,12 @@ def install(options: Optional[HostOptions] = None, **overrides) -> Installation:
     global _active
     if _active is not None:
         raise RuntimeError("optima_plugin.host is already installed in this process; uninstall() it first")
+    from ..distributed import launched
+
+    if launched():  # the host's own loop is one process: every rank would redo the whole job
+        raise ValueError("the host seam does not run under torchrun (WORLD_SIZE > 1): the hosts prune in one "
+                         "process; run the host without torchrun, or prune on many ranks with "
+                         "`torchrun ... -m optima_plugin.cli`")
     options = dataclasses.replace(options or HostOptions(), **overrides).validate()
     inst = Installation(options)
     try:
