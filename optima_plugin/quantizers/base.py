@@ -41,6 +41,21 @@ class QuantState:
 
 
 @dataclass
+class QuantOptions:
+    """A quantizer's settings: ``bits`` (2..8), ``group_size`` (input columns per scale; 0 = one scale
+    per row), ``act_order`` (GPTQ: columns by decreasing ``H_jj``) and the Hessian's relative ``damp``."""
+
+    bits: int = 4
+    group_size: int = 0
+    act_order: bool = False
+    damp: float = 0.01
+
+    def group(self, columns: int) -> int:
+        """The group size for a layer of ``columns`` inputs (``group_size = 0`` or wider: all of them)."""
+        return columns if self.group_size <= 0 else min(self.group_size, columns)
+
+
+@dataclass
 class Quantized:
     """A quantizer's answer: ``weight`` (``r x d``, the input's dtype, pruned entries 0, every entry
     ``scale * q``), its :class:`QuantState` and the quantizer's figures."""
