@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from . import lowrank
-from .quantizers import QUANT_ATTR, QuantOptions, QuantState, quant_state
+from .quantizers import QUANT_ATTR, QuantOptions, QuantState, quant_state, quantize_scaled
 from .solvers.problem import objective_per_row
 
 #: the options of the stage that only matter with --quantize_weight (flag: what it needs)
-_QUANT_ONLY = ("quantizer", "group_size", "act_order")
+_QUANT_ONLY = ("quantizer", "group_size", "act_order", "scale_important_weights")
 _LORA_ONLY = ("lowrank", "separate_lora", "quantize_lora", "prune_lora", "pad_lora", "lora_tile_size")
 
 
@@ -44,6 +44,7 @@ class Compression:
     pad_lora: bool = False
     tile: int = 256
     damp: float = 0.01
+    scale_important: bool = False
 
     @classmethod
     def from_config(cls, config) -> Optional["Compression"]:
@@ -59,7 +60,7 @@ class Compression:
             quant=QuantOptions(opt("bitwidth"), opt("group_size"), opt("act_order"), config.damp),
             lora_rank=rank, lowrank=opt("lowrank"), separate=opt("separate_lora"),
             quantize_lora=opt("quantize_lora"), prune_lora=opt("prune_lora"), pad_lora=opt("pad_lora"),
-            tile=opt("lora_tile_size"), damp=config.damp)
+            tile=opt("lora_tile_size"), damp=config.damp, scale_important=opt("scale_important_weights"))
 
     def apply(self, name: str, linear: nn.Linear, dense: Tensor, pruned: Tensor, hessian: Optional[Tensor]) -> dict:
         """Quantize and/or fit the adapter of ``linear`` (its weight: the pruned, updated ``r x d``); ``dense``:
@@ -71,7 +72,8 @@ class Compression:
         if energy is not None:
             errors["pruned"] = _ratio(_objective(hessian, dense, weight), energy)
         if self.quantizer is not None:
-            result = self.quantizer.quantize(weight, pruned, hessian, self.quant)
+            result = quantize_scaled(self.quantizer, weight, pruned, hessian, self.quant) if self.scale_important \
+                else self.quantizer.quantize(weight, pruned, hessian, self.quant)
             if bool(result.weight.masked_select(pruned).any()):
                 raise ValueError(f"{name}: quantizer {self.quantizer.name} gave pruned weights nonzero values")
             with torch.no_grad():
@@ -154,6 +156,8 @@ def block_extras(block: nn.Module) -> dict[str, Tensor]:
         if state is not None:
             out[f"{rel}.{QUANT_ATTR}.scale"] = state.scale.detach().to("cpu").contiguous()
             out[f"{rel}.{QUANT_ATTR}.meta"] = torch.tensor([state.bits, state.group_size])
+            if state.input_scale is not None:
+                out[f"{rel}.{QUANT_ATTR}.input_scale"] = state.input_scale.detach().to("cpu").contiguous()
         adapter = getattr(module, lowrank.ADAPTER_ATTR, None)
         if isinstance(adapter, lowrank.LowRankAdapter):
             out[f"{rel}.{lowrank.ADAPTER_ATTR}.left"] = adapter.left.detach().to("cpu").contiguous()
@@ -168,7 +172,8 @@ def restore_extras(block: nn.Module, tensors: dict[str, Tensor]) -> None:
         if key.endswith(f".{QUANT_ATTR}.meta"):
             rel = key[: -len(f".{QUANT_ATTR}.meta")]
             bits, group = (int(v) for v in value.tolist())
-            setattr(modules[rel], QUANT_ATTR, QuantState(bits, group, tensors[f"{rel}.{QUANT_ATTR}.scale"]))
+            setattr(modules[rel], QUANT_ATTR, QuantState(bits, group, tensors[f"{rel}.{QUANT_ATTR}.scale"],
+                                                         tensors.get(f"{rel}.{QUANT_ATTR}.input_scale")))
         elif key.endswith(f".{lowrank.ADAPTER_ATTR}.left"):
             rel = key[: -len(f".{lowrank.ADAPTER_ATTR}.left")]
             lowrank.attach(modules[rel], value, tensors[f"{rel}.{lowrank.ADAPTER_ATTR}.right"])

@@ -19,7 +19,7 @@ from optima_plugin.compress import block_extras
 from optima_plugin.loading import load_model
 from optima_plugin.lowrank import (ADAPTER_FILE, LowRank, adapters, attach, exact_lowrank, fit, pad_rank, prune_left,
                                    slim_lowrank)
-from optima_plugin.quantizers import BUILTIN_QUANTIZERS, QuantOptions, quant_state
+from optima_plugin.quantizers import BUILTIN_QUANTIZERS, QuantOptions, quant_state, quantize_scaled
 from optima_plugin.quantizers.gptq import gptq
 from optima_plugin.quantizers.slim import clipped_scale
 from optima_plugin.solvers.problem import obs_factor
@@ -159,6 +159,24 @@ def test_gptq_lowers_the_objective_against_round_to_nearest(masked_layer):
     assert res["gptq"] < 0.95 * res["absmax"] and res["gptq"] < 0.95 * res["slim"], res
 
 
+@pytest.mark.parametrize("name", ["absmax", "gptq"])
+def test_scale_important_weights_search_includes_plain_and_wins_on_skewed_inputs(masked_layer, name):
+    """alpha = 0 is the plain quantizer, so the search is never worse on the objective; with log-normal
+    activation scales (conftest) a positive alpha wins strictly, and the state still reproduces the weights."""
+    w, pruned, h = masked_layer
+    quantizer = next(q for q in BUILTIN_QUANTIZERS if q.name == name)
+    opts = QuantOptions(3, 32)
+    plain = quantizer.quantize(w, pruned, h, opts)
+    scaled = quantize_scaled(quantizer, w, pruned, h, opts)
+    assert scaled.stats["alpha"] > 0 and scaled.state.input_scale is not None
+    assert objective(h, scaled.weight - w) < objective(h, plain.weight - w)
+    assert not scaled.weight[pruned].any()
+    st = scaled.state
+    q = st.integers(scaled.weight).double()
+    back = q * st.scale.double().repeat_interleave(32, 1) / st.input_scale.double()
+    assert torch.allclose(back, scaled.weight.double(), atol=1e-5)
+
+
 # -- low-rank adapters ----------------------------------------------------------
 
 
@@ -284,6 +302,7 @@ def test_checkpoint_keeps_quantization_and_adapters(tmp_path):
     (dict(quantize_weight=True, quantizer="nope"), "unknown --quantizer 'nope'"),
     (dict(quantize_weight=True, bitwidth=1), "--bitwidth must be in 2..8"),
     (dict(lora_rank=1.5), "--lora_rank must be in"),
+    (dict(scale_important_weights=True), "--quantize_weight"),
 ])
 def test_bad_combinations_fail_before_any_work(options, message):
     with pytest.raises(ValueError, match=message):
@@ -302,15 +321,14 @@ def test_prune_and_quantize_honours_the_reference_options():
     report = prune_and_quantize(model, tok, prune_method="wanda", sparsity_type="2:4", quantize_weight=True,
                                 bitwidth=4, slim_quant=True, weight_tiled_quantization=True, weight_tile_size=32,
                                 lora_rank=0.1, slim_lora=False, separate_lora=True, quantize_lora=True,
-                                prune_lora=True, lora_tile_size=16, nsamples=4, seqlen=64,
+                                prune_lora=True, lora_tile_size=16, scale_important_weights=True, nsamples=4, seqlen=64,
                                 calibration_dataset="pydoc", progress=False)
     opts = report["options"]
     assert (opts["quantizer"], opts["group_size"], opts["lowrank"], opts["bitwidth"]) == ("slim", 32, "exact", 4)
     assert all(q.optima_quant.group_size == 32 for q in _linears(model).values())
+    assert opts["scale_important_weights"] and all("alpha" in x["compression"]["quantizer"] for x in report["layers"])
     left = next(iter(adapters(model).values())).left
     assert ((left.reshape(left.shape[0], -1, 4) != 0).sum(2) <= 2).all()
-    with pytest.raises(NotImplementedError, match="scale_important_weights"):
-        prune_and_quantize(model, tok, scale_important_weights=True)
     with pytest.raises(ValueError, match="quantize_weight=True"):
         prune_and_quantize(model, tok, slim_quant=True)
 

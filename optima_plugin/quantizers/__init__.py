@@ -18,6 +18,7 @@ from ..options import OptionParser
 from .absmax import AbsMaxQuantizer
 from .base import QUANT_ATTR, QuantOptions, Quantized, QuantState, quant_state
 from .gptq import GPTQQuantizer
+from .scaling import quantize_scaled
 from .slim import SlimQuantizer
 
 BUILTIN_QUANTIZERS = [AbsMaxQuantizer(), SlimQuantizer(), GPTQQuantizer()]
@@ -35,7 +36,10 @@ def addoption(parser: OptionParser) -> None:
                     help="input columns per scale (0: one scale per output row)",
                     check=lambda v: v >= 0, requirement="must be >= 0 (0: one scale per row)")
     group.addoption("act_order", type=bool, help="gptq: quantize columns by decreasing Hessian diagonal")
+    group.addoption("scale_important_weights", type=bool,
+                    help="AWQ-style: scale the most activated input columns up before quantizing, by "
+                    "(activation norm)^alpha with alpha searched to minimise the layer objective")
 
 
 __all__ = ["BUILTIN_QUANTIZERS", "QUANT_ATTR", "AbsMaxQuantizer", "GPTQQuantizer", "QuantOptions", "QuantState",
-           "Quantized", "SlimQuantizer", "addoption", "quant_state"]
+           "Quantized", "SlimQuantizer", "addoption", "quant_state", "quantize_scaled"]
