@@ -117,6 +117,8 @@ def _ratio(value: float, energy: float) -> float:
 
 def validate(config) -> None:
     """One-line ``ValueError`` for a combination of the stage's options that cannot work (before any work)."""
+    import logging
+
     from .plugins import lookup
 
     opt = config.option
@@ -136,9 +138,16 @@ def validate(config) -> None:
         if given:
             raise ValueError(f"{', '.join(given)} shape(s) the low-rank adapters: add --lora_rank (e.g. 0.1), "
                              "or drop it")
+    if rank and not opt("separate_lora"):
+        logging.getLogger(__name__).warning(
+            "--lora_rank without --separate_lora merges L R into the weights, which are dense again afterwards "
+            "(the report's sparsity is that of the pruned weights before the merge)")
     if opt("prune_lora") and config.sparsity_type != "2:4":
         raise ValueError(f"--prune_lora 2:4-prunes the adapters of a 2:4 model; --sparsity_type is "
                          f"{config.sparsity_type}: use --sparsity_type 2:4 or drop --prune_lora")
+    if rank and not opt("separate_lora") and config.save_masks:
+        raise ValueError("--save_masks reads the masks back from the zeros of the weights, which merged adapters "
+                         "fill: add --separate_lora, or drop --save_masks")
     if opt("separate_lora") and config.stream:
         raise ValueError("--separate_lora keeps adapters in memory beside each linear, which --stream does not "
                          "hold: merge them (drop --separate_lora) or drop --stream")

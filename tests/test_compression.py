@@ -303,6 +303,7 @@ def test_checkpoint_keeps_quantization_and_adapters(tmp_path):
     (dict(quantize_weight=True, bitwidth=1), "--bitwidth must be in 2..8"),
     (dict(lora_rank=1.5), "--lora_rank must be in"),
     (dict(scale_important_weights=True), "--quantize_weight"),
+    (dict(lora_rank=0.1, save_masks="m.safetensors"), "--separate_lora"),
 ])
 def test_bad_combinations_fail_before_any_work(options, message):
     with pytest.raises(ValueError, match=message):
