@@ -216,18 +216,39 @@ def prune_and_quantize(
     exact ``pcg`` solver; ``False``: the paper's Adam fallback); ``False`` keeps the
     selector's own update. ``prune_method="maskllm"`` with ``mask_checkpoint=PATH``
     reads the masks of a MaskLLM-style file (1 = kept; selector ``file``, see
-    :mod:`optima_plugin.maskfile`). Quantization and low-rank options other than their
-    off values raise ``NotImplementedError``.
+    :mod:`optima_plugin.maskfile`).
+
+    ``quantize_weight=True`` quantizes to ``bitwidth`` bits after the update: SLiM-Quant with
+    ``slim_quant=True``, else OPTQ (``gptq``) after ``sparsegpt`` and AbsMax after the others, as
+    the reference does (``quantizer=`` picks any); ``weight_tiled_quantization`` uses groups of
+    ``weight_tile_size`` columns. ``lora_rank > 0`` adds adapters: the reference's diag-scaled SVD
+    with ``slim_lora=True``, the exact optimum under the layer Hessian with ``slim_lora=False``;
+    ``separate_lora``, ``quantize_lora``, ``prune_lora``, ``lora_tile_size``, ``pad_lora`` as in the
+    reference. ``shift_zero_metrics`` and ``joint_pq_mixing_factor`` belong to the reference's Wanda
+    variant and JSQ method, which this package does not have (accepted, without effect);
+    ``scale_important_weights`` scales the most activated input columns before quantizing
+    (AWQ-style, :mod:`optima_plugin.quantizers.scaling`).
     """
-    unsupported = {
-        "quantize_weight": quantize_weight, "slim_quant": slim_quant,
-        "weight_tiled_quantization": weight_tiled_quantization, "lora_rank": lora_rank,
-        "prune_lora": prune_lora, "quantize_lora": quantize_lora, "pad_lora": pad_lora,
-        "scale_important_weights": scale_important_weights,
-    }
-    on = [k for k, v in unsupported.items() if v]
-    if on:
-        raise NotImplementedError(f"{', '.join(on)}: quantization and low-rank adapters are not supported yet")
+    if not quantize_weight and (slim_quant or weight_tiled_quantization or scale_important_weights):
+        raise ValueError("slim_quant / weight_tiled_quantization / scale_important_weights choose how weights are "
+                         "quantized: "
+                         "add quantize_weight=True, or drop them")
+    if quantize_weight:
+        options.setdefault("quantizer", "slim" if slim_quant else "gptq" if prune_method == "sparsegpt" else "absmax")
+        options.update(quantize_weight=True, group_size=weight_tile_size if weight_tiled_quantization else 0,
+                       scale_important_weights=scale_important_weights)
+    if lora_rank:
+        options.update(lora_rank=lora_rank, lowrank="slim" if slim_lora else "exact", separate_lora=separate_lora,
+                       quantize_lora=quantize_lora, prune_lora=prune_lora, lora_tile_size=lora_tile_size,
+                       pad_lora=pad_lora)
+    elif prune_lora or quantize_lora or pad_lora:
+        raise ValueError("prune_lora / quantize_lora / pad_lora shape the low-rank adapters: set lora_rank > 0, "
+                         "or drop them")
+    if quantize_weight or (lora_rank and quantize_lora):
+        options["bitwidth"] = bitwidth
+    if joint_pq_mixing_factor != 2.1 or not shift_zero_metrics:
+        log.warning("joint_pq_mixing_factor and shift_zero_metrics belong to the reference's JSQ method and Wanda "
+                    "variant, which optima_plugin does not have: they have no effect here")
     if prune_method == "maskllm" or mask_checkpoint:  # the reference: MaskLLM masks, 1 = kept
         if prune_method not in ("maskllm", "file"):
             raise ValueError(f"mask_checkpoint is read by prune_method='maskllm' (or 'file'), not {prune_method!r}")

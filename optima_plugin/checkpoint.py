@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "optima_plugin checkpoint"
 STATE = "state.json"
+#: key prefix of the compression state (quantization scales, separate adapters) in a block's file
+EXTRA = "optima:"
 _OURS = re.compile(r"^(state\.json|block_\d{5}\.safetensors|inputs_\d{5}\.safetensors"
                    r"|model-\d{5}-of-\d{5}\.safetensors)$")
 
@@ -136,10 +138,14 @@ class Checkpoint:
 
     def restore(self, blocks: Sequence[nn.Module], upto: int) -> None:
         """Load the saved parameters of blocks ``0 .. upto-1`` into ``blocks`` (in place, exact)."""
+        from .compress import restore_extras
+
         for i in range(upto):
             tensors = load_file(str(self._block(i)))
+            extras = {k[len(EXTRA):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA)}
             with torch.no_grad():
                 blocks[i].load_state_dict(tensors, strict=True)
+            restore_extras(blocks[i], extras)
 
     def inputs(self, i: int) -> Tensor:
         """The saved inputs of block ``i`` ``(n, seqlen, hidden)``, in the dtype they were saved in (CPU)."""
@@ -153,7 +159,10 @@ class Checkpoint:
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         if block is not None:
+            from .compress import block_extras
+
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+            tensors.update({EXTRA + k: v for k, v in block_extras(block).items()})  # quantization, adapters
             with atomic_path(self._block(i)) as tmp:
                 save_file(tensors, str(tmp))
         if next_inputs is not None:

@@ -159,6 +159,12 @@ def print_summary(report: dict, out=None) -> None:
         stds = [x["rows"]["std"] for x in layers if x.get("rows")]
         print(f"layer ratios {min(ratios):.4f}..{max(ratios):.4f} ({opts.get('allocation', 'uniform')})"
               + (f", TRIM row ratio std {sum(stds) / len(stds):.4f} on average" if stds else ""), file=out)
+    stages = [x["compression"]["relative_error"] for x in layers if x.get("compression")]
+    if stages:
+        names = list(dict.fromkeys(k for st in stages for k in st))
+        means = ", ".join(f"{k} {sum(st[k] for st in stages if k in st) / sum(k in st for st in stages):.4f}"
+                          for k in names)
+        print(f"relative output error tr(dW H dWᵀ)/tr(W H Wᵀ), mean over layers: {means}", file=out)
     t = report["timings"]
     mem = report.get("memory", {})
     print(f"prune time {t['prune_seconds']:.1f} s, peak RSS {mem.get('peak_rss_mb', float('nan')):.0f} MB"

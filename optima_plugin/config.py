@@ -204,6 +204,9 @@ class PruneConfig:
                              f"{self.sparsity_type} fixes every row at {self.pattern.ratio:g}; use unstructured")
         # the plugins' options (OWL, AlphaPruning, TRIM, third parties): completed with defaults, validated
         self.plugin_options = self.declared_options().resolve(self.plugin_options)
+        from .compress import validate as validate_compression
+
+        validate_compression(self)
         if self.plugin_options.get("mask_checkpoint") and self.prune_method != "file":
             raise ValueError(f"--mask_checkpoint is read by --prune_method file, not {self.prune_method}: add "
                              "--prune_method file to use its masks, or drop --mask_checkpoint")

@@ -34,6 +34,7 @@ from torch import nn
 
 from .allocators import AllocationContext, resolve_layer_ratios, row_summary
 from .checkpoint import Checkpoint, RunInterrupted, run_identity, stop_after_block
+from .compress import Compression
 from .config import PruneConfig
 from .data import get_calibration
 from .distributed import SyncedSelector, current as current_job
@@ -63,6 +64,7 @@ class LayerResult:
     update: dict = field(default_factory=dict)
     rows: Optional[dict] = None  # per-row ratio summary (min/max/mean/std) and row allocator stats
     selection: dict = field(default_factory=dict)  # the selector's figures (SparseGPT/Thanos: damp used)
+    compression: Optional[dict] = None  # quantization / low-rank figures (optima_plugin.compress)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,6 +240,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         hdtype = torch.float64 if config.double_precision else torch.float32
         options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision,
                                 split=dist)
+        compression = Compression.from_config(config)
         prefix = blocks_path(adapter)
         pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
         observers[0].skip(start)
@@ -261,7 +264,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                             hessians = pipe.hessians(i, block, group, groups, hdtype, names)
                         with _named_solver_logs(names[rel]):
                             result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                                   selector, updater, options, row_allocator, config)
+                                                   selector, updater, options, row_allocator, config, compression)
                         pm.hook.optima_layer_done(result=result)
                     del hessians
                     pipe.propagate(i, block)
@@ -353,7 +356,7 @@ def summarize(layers: list) -> dict:
 
 
 def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options,
-                  row_allocator=None, config=None) -> LayerResult:
+                  row_allocator=None, config=None, compression: Optional[Compression] = None) -> LayerResult:
     t0 = time.perf_counter()
     dense = lin.weight.detach()
     work = dense.float() if dense.dtype not in (torch.float32, torch.float64) else dense
@@ -379,14 +382,18 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
                         name, objective, mask_objective)
             new, objective, accepted = mask_only, mask_objective, False
         error_ratio = objective / mask_objective if mask_objective > 0 else (0.0 if objective == 0 else 1.0)
+    original = dense.clone() if compression is not None else None  # ``dense`` is the parameter, written next
     with torch.no_grad():
         lin.weight.copy_(new.masked_fill(selection.pruned, 0))
+    sparsity = float((lin.weight == 0).float().mean())  # of the pruned weights (a merged adapter fills them)
+    figures = compression.apply(name, lin, original, selection.pruned, hessian) if compression is not None else None
     return LayerResult(
         name=name, block=block_index, shape=list(dense.shape),
         ratio=float(ratio) if not torch.is_tensor(ratio) else float(ratio.double().mean()),
-        sparsity=float((lin.weight == 0).float().mean()), error_ratio=error_ratio,
+        sparsity=sparsity, error_ratio=error_ratio,
         objective=objective, mask_objective=mask_objective, accepted=accepted,
         seconds=time.perf_counter() - t0, update=upd.stats, rows=rows, selection=selection.stats,
+        compression=figures,
     )
 
 

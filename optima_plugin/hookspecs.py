@@ -2,8 +2,8 @@
 
 Two kinds of hooks:
 
-* registries: plugins contribute named mask selectors, sparsity allocators and
-  weight updaters; the engine looks them up by name;
+* registries: plugins contribute named mask selectors, sparsity allocators,
+  weight updaters and quantizers; the engine looks them up by name;
 * events: the engine (or a host's pruning loop) announces what it does, and
   observers (progress bar, report, host integration) react.
 
@@ -69,6 +69,11 @@ def optima_row_allocators() -> list:
 @hookspec
 def optima_updaters() -> list:
     """Return weight updaters (objects with ``name`` and ``update``)."""
+
+
+@hookspec
+def optima_quantizers() -> list:
+    """Return quantizers (objects with ``name``, ``needs_hessian`` and ``quantize``; see :mod:`optima_plugin.quantizers`)."""
 
 
 # -- events -------------------------------------------------------------------

@@ -36,7 +36,8 @@ def load_model(model: str, gguf_file: Optional[str] = None, dtype: torch.dtype =
     """Load a causal LM and its tokenizer from an HF id, a local directory or a GGUF file.
 
     A GGUF model is de-quantized by transformers; its quantizer state is cleared
-    so that ``save_pretrained`` accepts it. Returns ``(model, tokenizer)``, the
+    so that ``save_pretrained`` accepts it. Separate low-rank adapters saved beside the
+    model (:data:`~optima_plugin.lowrank.ADAPTER_FILE`) are attached. Returns ``(model, tokenizer)``, the
     model in eval mode on CPU with ``use_cache`` off.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,6 +57,10 @@ def load_model(model: str, gguf_file: Optional[str] = None, dtype: torch.dtype =
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
     lm.config.use_cache = False
+    if path.is_dir():
+        from .lowrank import load_adapters
+
+        load_adapters(lm, path)  # a model saved with --separate_lora
     return lm.eval(), tokenizer
 
 
@@ -66,9 +71,12 @@ def save_model(model, tokenizer, directory: str, overwrite: bool = False, protec
     Returns the resolved target.
     """
 
+    from .lowrank import save_adapters
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        save_adapters(model, tmp)  # separate low-rank adapters, if any
 
     return install_directory(directory, write, overwrite=overwrite, protected=protected)
 

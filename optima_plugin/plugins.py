@@ -110,7 +110,8 @@ def _collect(results: Iterable[list]) -> dict[str, Any]:
 
 
 def registry(kind: str) -> dict[str, Any]:
-    """``{name: object}`` for ``kind`` in ``selectors``, ``allocators``, ``row_allocators``, ``updaters``.
+    """``{name: object}`` for ``kind`` in ``selectors``, ``allocators``, ``row_allocators``, ``updaters``,
+    ``quantizers``.
 
     The first object of each name wins; the built-in hooks are ``tryfirst``, so pluggy calls
     them first and a third party cannot silently shadow a built-in.

@@ -24,6 +24,8 @@ from optima_plugin import cli
         (["--model", "/does/not/exist"], "no such directory"),
         (["--sparsity_type", "2:5"], "does not divide"),
         (["--seqlen", "100000"], "beyond the model's context"),
+        (["--lora_rank", "0.1", "--prune_lora"], "--sparsity_type 2:4 or drop --prune_lora"),
+        (["--quantizer", "slim"], "add --quantize_weight"),
     ],
 )
 def test_bad_input_one_line(argv, match, tiny_dir, capsys):
@@ -89,3 +91,17 @@ def test_eval_ppl_on_two_domains_reports_and_prints_both(tiny_dir, tmp_path, cap
     for ds in ("pydoc", "sherlock"):
         row = next(line for line in out.splitlines() if line.split()[:1] == [ds])
         assert [float(x) for x in row.split()[1:]] == pytest.approx([ppl["dense"][ds], ppl["pruned"][ds]], rel=1e-3)
+
+
+def test_quantized_run_with_separate_adapters_from_the_command_line(tiny_dir, tmp_path, capsys):
+    out, report = tmp_path / "q", tmp_path / "report.json"
+    argv = ["--model", str(tiny_dir), "--nsamples", "2", "--seqlen", "32", "--sparsity_type", "2:4",
+            "--quantize_weight", "--bitwidth", "4", "--quantizer", "gptq", "--group_size", "16", "--act_order",
+            "--lora_rank", "0.1", "--separate_lora", "--save_model", str(out), "--report", str(report)]
+    assert cli.main(argv) == 0
+    assert "relative output error" in capsys.readouterr().out
+    layers = json.loads(report.read_text())["layers"]
+    assert all(set(x["compression"]["relative_error"]) == {"pruned", "quantized", "lowrank"} for x in layers)
+    assert all(x["compression"]["quantizer"] == {"name": "gptq", "bits": 4, "group_size": 16, "damp": 0.01,
+                                                 "act_order": True} for x in layers)
+    assert (out / "lowrank_adapters.safetensors").is_file()

@@ -26,18 +26,39 @@ class QuantState:
 
     ``scale``: float32 ``r x g`` (``g = ceil(d / group_size)``), one scale per row and
     group of ``group_size`` consecutive input columns (``group_size = d``: one per row).
+    ``input_scale``: None, or float32 ``(d,)`` with ``--scale_important_weights``: the weight
+    is then ``q * scale / input_scale`` (per input column; a server must fold ``1 / input_scale``
+    into the layer's input).
     """
 
     bits: int
     group_size: int
     scale: Tensor
+    input_scale: Optional[Tensor] = None
 
     def integers(self, weight: Tensor) -> Tensor:
-        """The int8 ``r x d`` integers ``q`` of ``weight`` (``weight = q * scale``, rounded to the nearest)."""
+        """The int8 ``r x d`` integers ``q`` of ``weight`` (``weight = q * scale [/ input_scale]``, rounded)."""
         r, d = weight.shape
         scale = self.scale.float().repeat_interleave(self.group_size, dim=1)[:, :d]
+        if self.input_scale is not None:
+            weight = weight.float() * self.input_scale.float().to(weight.device)
         q = torch.where(scale > 0, weight.float() / scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         return q.round().clamp(-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1).to(torch.int8)
+
+
+@dataclass
+class QuantOptions:
+    """A quantizer's settings: ``bits`` (2..8), ``group_size`` (input columns per scale; 0 = one scale
+    per row), ``act_order`` (GPTQ: columns by decreasing ``H_jj``) and the Hessian's relative ``damp``."""
+
+    bits: int = 4
+    group_size: int = 0
+    act_order: bool = False
+    damp: float = 0.01
+
+    def group(self, columns: int) -> int:
+        """The group size for a layer of ``columns`` inputs (``group_size = 0`` or wider: all of them)."""
+        return columns if self.group_size <= 0 else min(self.group_size, columns)
 
 
 @dataclass
