@@ -30,6 +30,8 @@ CASES = {
     "owl": dict(prune_method="wanda", sparsity_ratio=0.6, allocation="owl", weight_update="optima"),
     "trim": dict(prune_method="wanda", sparsity_ratio=0.5, use_trim=True, weight_update="optima"),
     "sparsegpt_native": dict(prune_method="sparsegpt", sparsity_ratio=0.5, weight_update="native"),
+    "gptq_lora": dict(prune_method="wanda", sparsity_ratio=0.5, weight_update="optima", quantize_weight=True,
+                      quantizer="gptq", bitwidth=4, group_size=16, lora_rank=0.1, separate_lora=True),
     "float32": dict(prune_method="wanda", sparsity_ratio=0.5, weight_update="optima", double_precision=False),
 }
 # 5 windows: 2 on rank 0, 3 on rank 1. In float64 the all-reduced Hessian differs from the single process's
