@@ -4,15 +4,16 @@ The format is the one llm-compressor writes and vLLM and transformers load: ever
 quantized :class:`torch.nn.Linear` (one carrying a
 :class:`~optima_plugin.quantizers.QuantState`) is stored as ``weight_packed`` (int32
 words, each holding ``32 / bits`` integers, packed by the ``compressed-tensors``
-library), ``weight_scale`` (float32 ``r x g``) and ``weight_shape``; ``config.json``
+library), ``weight_scale`` (``r x g``, in the weight's dtype: what transformers and vLLM
+multiply by) and ``weight_shape``; ``config.json``
 gets a ``quantization_config`` (``quant_method: compressed-tensors``, one config group
 per ``(bits, group_size)``: symmetric int weights, ``channel`` strategy when one scale
 per row, ``group`` otherwise, format ``pack-quantized`` as the library chooses for
 weight-only int schemes). Everything else is written as ``save_pretrained`` writes it.
 
-Sparsity is recorded, not compressed: the installed ``compressed-tensors`` (>= 0.15)
-no longer has the sparse-bitmask / sparse-24 compressors, and transformers (which
-requires >= 0.15) cannot load them. Pruned weights are stored dense (zeros in the
+Sparsity is recorded, not compressed: ``compressed-tensors`` 0.20 (tested; transformers
+needs >= 0.15) no longer has the sparse-bitmask / sparse-24 compressors (its own saver
+writes an empty ``sparsity_config``), so it can neither write nor decompress them. Pruned weights are stored dense (zeros in the
 packed integers or in the float weights) and ``quantization_config.sparsity_config``
 holds the library's ``dense`` sparsity config: ``sparsity_structure`` ``2:4`` when
 every pruned linear is 2:4 (at least two zeros in every 4 consecutive inputs),
@@ -22,6 +23,7 @@ every pruned linear is 2:4 (at least two zeros in every 4 consecutive inputs),
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -29,7 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .loading import install_directory
-from .quantizers.base import quant_state
+from .quantizers.base import QuantState, quant_state
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("pip install compressed-tensors (the version this package is tested with: "
                 "pip install 'optima_plugin[export]'), or use --save_format hf")
@@ -67,6 +71,42 @@ def _scheme(bits: int, group_size: Optional[int], targets: list):
     return scheme
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _pack(name: str, weight: Tensor, qs: QuantState, scheme) -> tuple[dict, float]:
+    """``weight`` (``r x d``, every entry ``scale * q``) packed by the library, and how far the packed form
+    decodes from ``weight`` (0.0: bit-exact).
+
+    The integers are :meth:`QuantState.integers` (float32 division by the float32 scales). The scales
+    are stored in ``weight``'s dtype, the dtype transformers and vLLM load them in, so the decoded
+    weight is what a server computes: in float32 exactly ``weight``; in bfloat16/float16, ``weight``
+    up to the rounding of the scales (none when they are representable in that dtype).
+    ``ValueError`` when ``weight`` is not ``scale * q`` up to one rounding to its dtype.
+    """
+    from compressed_tensors.compressors import BaseCompressor
+
+    r, d = weight.shape
+    scale = qs.scale.detach().float().reshape(r, -1)
+    q = qs.integers(weight).float()
+    expected = q * scale.repeat_interleave(qs.group_size, dim=1)[:, :d]
+    eps = torch.finfo(weight.dtype).eps
+    if not bool(((weight.float() - expected).abs() <= eps * expected.abs()).all()):
+        worst = (weight.float() - expected).abs().max().item()
+        raise ValueError(f"{name}: its weight is not scale * integer ({qs.bits} bits, group {qs.group_size}): off "
+                         f"by up to {worst:.3g}; was it changed after quantization?")
+    stored = scale.to(weight.dtype).float()  # what a loader multiplies by
+    exact = q * stored.repeat_interleave(qs.group_size, dim=1)[:, :d]
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    packed = compressor.compress({"weight": exact, "weight_scale": stored}, scheme)
+    if not torch.equal(compressor.decompress(packed, scheme)["weight"], exact):
+        raise ValueError(f"{name}: compressed-tensors did not pack its integers back exactly")
+    packed["weight_scale"] = packed["weight_scale"].to(weight.dtype)
+    decoded = exact.to(weight.dtype)  # q * scale rounded once to the dtype, as a loader computes it
+    return packed, (decoded.float() - weight.float()).abs().max().item()
+
+
 def compressed_state(model: nn.Module, pruned: Optional[Iterable[str]] = None) -> tuple[dict, dict]:
     """The compressed ``state_dict`` of ``model`` (left unchanged) and its ``quantization_config``.
 
@@ -76,7 +116,6 @@ def compressed_state(model: nn.Module, pruned: Optional[Iterable[str]] = None) -
     pruned, for ``sparsity_config`` (None or empty: no sparsity recorded). The config is
     None when nothing is quantized or pruned.
     """
-    from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.config import DenseSparsityConfig
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
@@ -84,6 +123,7 @@ def compressed_state(model: nn.Module, pruned: Optional[Iterable[str]] = None) -
     modules = dict(model.named_modules())
     groups: dict[tuple[int, int], list[str]] = {}  # (bits, group size or 0 for per channel) -> linears
     plain: list[str] = []
+    rounded: list[tuple[str, float]] = []  # linears whose saved weights differ from memory (half-precision scales)
     for name, module in modules.items():
         if not isinstance(module, nn.Linear):
             continue
@@ -100,20 +140,20 @@ def compressed_state(model: nn.Module, pruned: Optional[Iterable[str]] = None) -
             raise ValueError(f"{name}: {qs.bits}-bit weights; compressed-tensors packs 2 to 8 bits")
         group_size = qs.group_size if qs.group_size < d else None
         groups.setdefault((qs.bits, group_size or 0), []).append(name)
-        weight = module.weight.detach()
-        scale = qs.scale.detach().float().reshape(r, -1)
-        scheme = _scheme(qs.bits, group_size, [name])
-        compressor = BaseCompressor.get_value_from_registry(scheme.format)
-        packed = compressor.compress({"weight": weight.float(), "weight_scale": scale}, scheme)
-        decoded = compressor.decompress(packed, scheme)["weight"]
-        if not torch.equal(decoded.to(weight.dtype), weight):
-            worst = (decoded.to(weight.dtype).float() - weight.float()).abs().max().item()
-            raise ValueError(f"{name}: its weight is not scale * integer ({qs.bits} bits, group {qs.group_size}): "
-                             f"off by up to {worst:.3g} after packing; was it changed after quantization?")
+        packed, off = _pack(name, module.weight.detach(), qs, _scheme(qs.bits, group_size, [name]))
+        if off:
+            rounded.append((name, off))
         del state[name + ".weight"]
         for key, value in packed.items():
             state[f"{name}.{key}"] = value.contiguous()
 
+    if rounded:
+        worst = max(rounded, key=lambda x: x[1])
+        log.warning("%d quantized linears will load with weights that differ from the ones in memory by up to %.3g "
+                    "(%s): their float32 scales are saved in the weights' dtype %s, as transformers and vLLM use "
+                    "them; quantize with scales representable in %s for a bit-exact round trip", len(rounded),
+                    worst[1], worst[0], dtype_name(modules[worst[0]].weight.dtype),
+                    dtype_name(modules[worst[0]].weight.dtype))
     pruned = [n for n in (pruned or ()) if n in modules and isinstance(modules[n], nn.Linear)]
     sparsity: dict = {}
     if pruned:

@@ -41,21 +41,23 @@ def prune_unstructured(model: nn.Module, ratio: float = 0.5) -> list[str]:
     return list(block_linears(model))
 
 
-def absmax_quantize(model: nn.Module, bits: int, group_size: Optional[int]) -> None:
+def absmax_quantize(model: nn.Module, bits: int, group_size: Optional[int],
+                    scale_dtype: torch.dtype = torch.float32) -> None:
     """Independent symmetric absmax fake quantization of every block linear, with its QuantState.
 
-    ``scale = max|w| / (2^(b-1) - 1)`` per row (``group_size`` None) or per group of inputs;
-    ``w <- scale * round(w / scale)`` in float32 (zeros stay zero).
+    ``scale = max|w| / (2^(b-1) - 1)`` per row (``group_size`` None) or per group of inputs, rounded
+    to ``scale_dtype`` (kept float32); ``w <- scale * round(w / scale)`` computed in float32, then
+    rounded to the weight's dtype (zeros stay zero).
     """
     for lin in block_linears(model).values():
-        w = lin.weight.data
+        w = lin.weight.data.float()
         r, d = w.shape
         g = group_size or d
         grouped = w.reshape(r, d // g, g)
-        scale = grouped.abs().amax(-1) / (2 ** (bits - 1) - 1)
+        scale = (grouped.abs().amax(-1) / (2 ** (bits - 1) - 1)).to(scale_dtype).float()
         q = torch.where(scale[..., None] > 0, grouped / scale[..., None], 0.0).round()
         q = q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        lin.weight.data = (q * scale[..., None]).reshape(r, d)
+        lin.weight.data = (q * scale[..., None]).reshape(r, d).to(lin.weight.dtype)
         setattr(lin, QUANT_ATTR, QuantState(bits=bits, group_size=g, scale=scale))
 
 
@@ -69,9 +71,13 @@ def logits(model: nn.Module) -> torch.Tensor:
 
 
 def load(directory: Path):
+    """The folder through transformers; one forward unpacks a compressed-tensors model's weights."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        model(tokens()[:, :2])
+    return model
 
 
 def folder_bytes(directory: Path) -> int:
@@ -139,7 +145,7 @@ def test_round_trip_through_transformers_gives_identical_logits(case, tmp_path):
             assert f"{name}.weight" in keys
 
     reloaded = load(tmp_path / "out")
-    got = logits(reloaded)  # the first forward decompresses the packed weights
+    got = logits(reloaded)
     for name, lin in block_linears(model).items():
         assert torch.equal(dict(reloaded.named_modules())[name].weight, lin.weight), name
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -156,6 +162,41 @@ def test_dequantize_on_load_gives_identical_logits(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
+
+
+def test_bfloat16_model_with_bfloat16_scales_round_trips_exactly(tmp_path):
+    """Scales representable in bfloat16 (as transformers and vLLM hold them): the reloaded weights are the
+    ones in memory, and the logits those of the same model saved and reloaded as hf (a model cast with
+    ``.to(bfloat16)`` also rounds its rotary buffer, which ``from_pretrained`` keeps in float32)."""
+    from optima_plugin.loading import save_model
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    prune_two_four(model)
+    absmax_quantize(model, 4, 32, scale_dtype=torch.bfloat16)
+    save_model(model, tiny_tokenizer(), str(tmp_path / "hf"))
+    save_compressed(model, tiny_tokenizer(), str(tmp_path / "ct"))
+    reloaded = load(tmp_path / "ct")
+    assert reloaded.dtype == torch.bfloat16
+    for name, lin in block_linears(model).items():
+        assert torch.equal(dict(reloaded.named_modules())[name].weight, lin.weight), name
+    torch.testing.assert_close(logits(reloaded), logits(load(tmp_path / "hf")), rtol=0, atol=0)
+
+
+def test_bfloat16_model_with_float32_scales_warns_and_loads_what_a_server_computes(tmp_path, caplog):
+    """float32 scales of a bfloat16 model are saved in bfloat16 (transformers and vLLM cast them anyway):
+    a warning gives the largest difference, and the reloaded weights are ``bf16(q * bf16(scale))``."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    absmax_quantize(model, 4, 32)
+    with caplog.at_level("WARNING", logger="optima_plugin.export"):
+        save_compressed(model, tiny_tokenizer(), str(tmp_path / "ct"))
+    assert "21 quantized linears will load with weights that differ" in caplog.text
+    assert "representable in bfloat16" in caplog.text
+    reloaded = dict(load(tmp_path / "ct").named_modules())
+    for name, lin in block_linears(model).items():
+        state = getattr(lin, QUANT_ATTR)
+        server = state.scale.to(torch.bfloat16).float().repeat_interleave(32, dim=1)
+        expected = (state.integers(lin.weight).float() * server).to(torch.bfloat16)
+        assert torch.equal(reloaded[name].weight, expected), name
 
 
 def test_int4_folder_is_smaller_than_the_hf_save(tmp_path):
