@@ -42,14 +42,17 @@ def prune_unstructured(model: nn.Module, ratio: float = 0.5) -> list[str]:
 
 
 def absmax_quantize(model: nn.Module, bits: int, group_size: Optional[int],
-                    scale_dtype: torch.dtype = torch.float32) -> None:
-    """Independent symmetric absmax fake quantization of every block linear, with its QuantState.
+                    scale_dtype: torch.dtype = torch.float32, only: str = "") -> None:
+    """Independent symmetric absmax fake quantization of every block linear (whose name holds ``only``),
+    with its QuantState.
 
     ``scale = max|w| / (2^(b-1) - 1)`` per row (``group_size`` None) or per group of inputs, rounded
     to ``scale_dtype`` (kept float32); ``w <- scale * round(w / scale)`` computed in float32, then
     rounded to the weight's dtype (zeros stay zero).
     """
-    for lin in block_linears(model).values():
+    for name, lin in block_linears(model).items():
+        if only not in name:
+            continue
         w = lin.weight.data.float()
         r, d = w.shape
         g = group_size or d
@@ -149,6 +152,33 @@ def test_round_trip_through_transformers_gives_identical_logits(case, tmp_path):
     for name, lin in block_linears(model).items():
         assert torch.equal(dict(reloaded.named_modules())[name].weight, lin.weight), name
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_mixed_schemes_and_unquantized_linears(tmp_path):
+    """8-bit per-channel attention and 4-bit group-32 MLP: one config group each, naming its linears;
+    MLP-only quantization: one group targeting Linear, the attention linears and the head ignored."""
+    model = tiny_model("llama")
+    attention = {n: m for n, m in block_linears(model).items() if ".self_attn." in n}
+    mlp = {n: m for n, m in block_linears(model).items() if ".mlp." in n}
+    absmax_quantize(model, 8, None, only=".self_attn.")
+    absmax_quantize(model, 4, 32, only=".mlp.")
+    expected = logits(model)
+    save_compressed(model, tiny_tokenizer(), str(tmp_path / "mixed"))
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    groups = sorted(config["config_groups"].values(), key=lambda g: g["weights"]["num_bits"])
+    assert [g["weights"]["num_bits"] for g in groups] == [4, 8]
+    assert groups[0]["targets"] == list(mlp) and groups[1]["targets"] == list(attention)
+    assert groups[1]["weights"]["strategy"] == "channel" and groups[0]["weights"]["group_size"] == 32
+    torch.testing.assert_close(logits(load(tmp_path / "mixed")), expected, rtol=0, atol=0)
+
+    model = tiny_model("llama")
+    absmax_quantize(model, 4, 32, only=".mlp.")
+    expected = logits(model)
+    save_compressed(model, tiny_tokenizer(), str(tmp_path / "mlp"))
+    config = json.loads((tmp_path / "mlp" / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert group["targets"] == ["Linear"] and config["ignore"] == list(attention) + ["lm_head"]
+    torch.testing.assert_close(logits(load(tmp_path / "mlp")), expected, rtol=0, atol=0)
 
 
 def test_dequantize_on_load_gives_identical_logits(tmp_path):
