@@ -111,8 +111,7 @@ def compressed_state(model: nn.Module, pruned: Optional[Iterable[str]] = None) -
     """The compressed ``state_dict`` of ``model`` (left unchanged) and its ``quantization_config``.
 
     Quantized linears become ``{name}.weight_packed`` / ``.weight_scale`` / ``.weight_shape``
-    (the library packs round(weight / scale), checked to decode back to the weight
-    exactly); other tensors are the model's own. ``pruned``: names of the linears the run
+    (see :func:`_pack`); other tensors are the model's own. ``pruned``: names of the linears the run
     pruned, for ``sparsity_config`` (None or empty: no sparsity recorded). The config is
     None when nothing is quantized or pruned.
     """
