@@ -161,6 +161,14 @@ class PruneConfig:
             raise ValueError(f"--save_format {self.save_format} packs the whole pruned model in memory, which --stream "
                              "(on by itself when the model is larger than the available RAM) does not hold: "
                              "give --no-stream, or save with --save_format hf")
+        opt = self.plugin_options.get
+        if opt("scale_important_weights"):
+            raise ValueError(f"--scale_important_weights divides each input column of a weight by its own scale, which "
+                             f"--save_format {self.save_format} cannot store: drop one of them")
+        if opt("lora_rank"):
+            raise ValueError(f"--lora_rank adds adapters that --save_format {self.save_format} cannot store (separate) "
+                             "or that make the weights dense floats again (merged): drop --lora_rank, or save with "
+                             "--save_format hf")
         from .export import require_compressed_tensors
 
         try:

@@ -118,6 +118,13 @@ def compressed_state(model: nn.Module, pruned: Optional[Iterable[str]] = None) -
     from compressed_tensors.config import DenseSparsityConfig
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
+    from .lowrank import adapters
+
+    separate = adapters(model)
+    if separate:
+        raise ValueError(f"{len(separate)} linears carry separate low-rank adapters ({next(iter(separate))}, ...), "
+                         "which compressed-tensors cannot store: merge them (drop --separate_lora) or use "
+                         "--save_format hf")
     state = dict(model.state_dict())
     modules = dict(model.named_modules())
     groups: dict[tuple[int, int], list[str]] = {}  # (bits, group size or 0 for per channel) -> linears
@@ -131,6 +138,10 @@ def compressed_state(model: nn.Module, pruned: Optional[Iterable[str]] = None) -
             plain.append(name)
             continue
         r, d = module.weight.shape
+        if qs.input_scale is not None:
+            raise ValueError(f"{name}: quantized with --scale_important_weights, its weight is q * scale / input_scale "
+                             "per input column, which compressed-tensors cannot store: quantize without it or use "
+                             "--save_format hf")
         if qs.group_size < d and d % qs.group_size:
             raise ValueError(f"{name}: group size {qs.group_size} does not divide its {d} inputs; compressed-tensors "
                              "(and vLLM's kernels) need whole groups: quantize with a --group_size dividing every "

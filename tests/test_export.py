@@ -311,13 +311,19 @@ def test_missing_library_says_what_to_install(no_library, tmp_path):
         (dict(save_format="compressed-tensors"), r"--save_format compressed-tensors .*give --save_model DIR"),
         (dict(save_format="compressed-tensors", save_model="OUT", stream=True), r"give --no-stream, or save with "
          r"--save_format hf"),
+        (dict(save_format="compressed-tensors", save_model="OUT", quantize_weight=True, scale_important_weights=True),
+         r"--scale_important_weights divides each input column .* cannot store: drop one of them"),
+        (dict(save_format="compressed-tensors", save_model="OUT", lora_rank=0.1),
+         r"--lora_rank adds adapters .*drop --lora_rank, or save with --save_format hf"),
+        (dict(save_format="compressed-tensors", save_model="OUT", lora_rank=0.1, separate_lora=True),
+         r"--lora_rank adds adapters"),
     ],
 )
 def test_config_rejects_bad_combinations(options, match, tmp_path):
     if "save_model" in options:
         options["save_model"] = str(tmp_path / "out")
     with pytest.raises(ValueError, match=match):
-        PruneConfig(**options).validate()
+        PruneConfig.from_options(**options)
 
 
 def test_cli_rejects_before_loading_the_model(tiny_dir, tmp_path, capsys):
@@ -349,3 +355,43 @@ def test_cli_prune_saves_compressed_tensors(tiny_dir, tmp_path):
     reloaded = load(out)
     for lin in block_linears(reloaded).values():
         assert is_two_four(lin.weight)
+
+
+@pytest.mark.parametrize("quantizer, bits, group_size, sparsity_type", [
+    ("gptq", 4, 32, "2:4"),
+    ("absmax", 8, 0, "unstructured"),
+])
+def test_prune_quantize_and_save_compressed(quantizer, bits, group_size, sparsity_type, tmp_path):
+    """The package's own quantizers through ``prune(..., save_format="compressed-tensors")``: the folder
+    reloads with the in-memory model's logits, and records the run's quantization and sparsity."""
+    from optima_plugin.api import prune
+
+    model = tiny_model("llama")
+    report = prune(model, tiny_tokenizer(), prune_method="wanda", sparsity_type=sparsity_type,
+                   quantize_weight=True, quantizer=quantizer, bitwidth=bits, group_size=group_size,
+                   nsamples=4, seqlen=64, progress=False, save_model=str(tmp_path / "out"),
+                   save_format="compressed-tensors")
+    assert report["saved_to"] == str(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    (group,) = config["config_groups"].values()
+    assert group["weights"]["num_bits"] == bits
+    assert group["weights"]["strategy"] == ("group" if group_size else "channel")
+    assert config["sparsity_config"]["sparsity_structure"] == sparsity_type
+    assert config["sparsity_config"]["targets"] == [x["name"] for x in report["layers"]]
+    torch.testing.assert_close(logits(load(tmp_path / "out")), logits(model), rtol=0, atol=0)
+
+
+def test_input_scales_and_separate_adapters_are_refused(tmp_path):
+    from optima_plugin.lowrank import attach
+
+    model = tiny_model("llama")
+    absmax_quantize(model, 4, 32)
+    lin = model.model.layers[1].mlp.gate_proj
+    getattr(lin, QUANT_ATTR).input_scale = torch.ones(lin.in_features)
+    with pytest.raises(ValueError, match=r"gate_proj: quantized with --scale_important_weights"):
+        save_compressed(model, tiny_tokenizer(), str(tmp_path / "out"))
+    getattr(lin, QUANT_ATTR).input_scale = None
+    attach(lin, torch.zeros(lin.out_features, 2), torch.zeros(2, lin.in_features))
+    with pytest.raises(ValueError, match=r"1 linears carry separate low-rank adapters .*drop --separate_lora"):
+        save_compressed(model, tiny_tokenizer(), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
