@@ -103,6 +103,12 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
                 if stream is not None:
                     stream.save(config.save_model, tokenizer, overwrite=config.overwrite,
                                 protected=protected + [str(stream.directory)])
+                elif config.save_format == "compressed-tensors":
+                    from .export import save_compressed
+
+                    save_compressed(model, tokenizer, config.save_model, overwrite=config.overwrite,
+                                    protected=protected,
+                                    pruned=[x["name"] for x in report["layers"] if x.get("sparsity", 0) > 0])
                 else:
                     save_model(model, tokenizer, config.save_model, overwrite=config.overwrite, protected=protected)
                 report["saved_to"] = str(config.save_model)

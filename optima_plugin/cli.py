@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import RunInterrupted
-from .config import PruneConfig
+from .config import SAVE_FORMATS, PruneConfig
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no_dense_eval", action="store_true", help="skip the dense evaluation (perplexity, zero-shot) before pruning")
     a("--plot", help="per-layer figure (.png, .pdf, .svg): reconstruction error before/after the update, sparsity")
     a("--save_model", help="directory to save the pruned model and tokenizer")
+    a("--save_format", choices=SAVE_FORMATS, default=d.save_format,
+      help="hf: save_pretrained's safetensors; compressed-tensors: quantized linears as packed integers "
+      "and scales, with sparsity metadata, as vLLM loads (needs: pip install compressed-tensors)")
     a("--save_masks", metavar="FILE", help="write every pruned linear's mask (True = pruned) to FILE "
       "(safetensors, bits packed); --prune_method file --mask_checkpoint FILE reuses it")
     a("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
@@ -257,6 +260,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
             eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
             save_model=args.save_model, overwrite=args.overwrite, report=args.report, save_masks=args.save_masks,
             checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
+            save_format=args.save_format,
             **PruneConfig.declared_options().values(args),  # the plugins' flags
         )
         source, gguf_file = _model_source(args)

@@ -20,6 +20,7 @@ from .plugins import collect_options
 from .sparsity import Pattern, parse_pattern
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
+SAVE_FORMATS = ("hf", "compressed-tensors")
 
 #: The hosts' (TRIM/OWL/AlphaPruning) combined method names: selector + allocation.
 HOST_METHODS = {
@@ -64,6 +65,7 @@ class PruneConfig:
     num_fewshot: int = 0
     plot: Optional[str] = None
     save_model: Optional[str] = None
+    save_format: str = "hf"  # hf (save_pretrained) or compressed-tensors (optima_plugin.export)
     overwrite: bool = False
     report: Optional[str] = None
     checkpoint_dir: Optional[str] = None
@@ -141,10 +143,38 @@ class PruneConfig:
             raise ValueError("--eval_zero_shot runs lm-eval on a model in memory, which --stream does not hold: "
                              "evaluate the saved folder afterwards (lm_eval --model hf --model_args "
                              "pretrained=SAVE_MODEL ...) or drop --stream")
+        self._validate_save_format()
         if self.plot and not self.plot.lower().endswith(PLOT_FORMATS):
             raise ValueError(f"--plot {self.plot}: the file name must end with one of {', '.join(PLOT_FORMATS)}")
         self._validate_paths()
         return self
+
+    def _validate_save_format(self) -> None:
+        """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""
+        if self.save_format not in SAVE_FORMATS:
+            raise ValueError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
+        if self.save_format == "hf":
+            return
+        if not self.save_model:
+            raise ValueError(f"--save_format {self.save_format} describes the saved model: give --save_model DIR")
+        if self.stream:
+            raise ValueError(f"--save_format {self.save_format} packs the whole pruned model in memory, which --stream "
+                             "(on by itself when the model is larger than the available RAM) does not hold: "
+                             "give --no-stream, or save with --save_format hf")
+        opt = self.plugin_options.get
+        if opt("scale_important_weights"):
+            raise ValueError(f"--scale_important_weights divides each input column of a weight by its own scale, which "
+                             f"--save_format {self.save_format} cannot store: drop one of them")
+        if opt("lora_rank"):
+            raise ValueError(f"--lora_rank adds adapters that --save_format {self.save_format} cannot store (separate) "
+                             "or that make the weights dense floats again (merged): drop --lora_rank, or save with "
+                             "--save_format hf")
+        from .export import require_compressed_tensors
+
+        try:
+            require_compressed_tensors()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
 
     def _validate_paths(self) -> None:
         """Datasets and input files exist; every output can be written; the checkpoint folder is usable."""
