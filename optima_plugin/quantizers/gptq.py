@@ -2,7 +2,8 @@
 
 Columns are quantized left to right (by decreasing ``H_jj`` with ``act_order``); each
 column's rounding error is compensated on the columns after it through the upper
-Cholesky factor of ``Hd⁻¹``, as in SparseGPT's update. Pruned entries are "quantized"
+Cholesky factor of ``Hd⁻¹``: SparseGPT's sequential update
+(:func:`~optima_plugin.solvers.sparsegpt.sparsegpt_update`) with each column rounded to its grid. Pruned entries are "quantized"
 to 0: they stay 0 and whatever compensation earlier columns gave them is propagated
 like any quantization error.
 
@@ -20,11 +21,10 @@ import torch
 from torch import Tensor
 
 from ..solvers.problem import damp_hessian, escalate_damp, obs_factor
+from ..solvers.sparsegpt import BLOCKSIZE, sparsegpt_update
 from .base import QuantOptions, Quantized, QuantState
 from .grid import round_to_grid
 from .slim import clipped_scale
-
-BLOCKSIZE = 128
 
 
 def gptq(weight: Tensor, pruned: Tensor, hinv: Tensor, bits: int, group: int, scale: Tensor,
@@ -35,27 +35,14 @@ def gptq(weight: Tensor, pruned: Tensor, hinv: Tensor, bits: int, group: int, sc
     order (a permutation of ``range(d)``; None = natural). Pruned entries (bool ``pruned``, True =
     pruned) of the result are 0. Returns the ``r x d`` result in the original column order.
     """
-    r, d = weight.shape
+    d = weight.shape[1]
     order = torch.arange(d, device=weight.device) if order is None else order
-    w = weight[:, order].clone()
-    mask = pruned[:, order]
     col_scale = scale[:, order // group]  # r x d: each processed column's scale
-    for i1 in range(0, d, BLOCKSIZE):
-        i2 = min(i1 + BLOCKSIZE, d)
-        w1, m1 = w[:, i1:i2].clone(), mask[:, i1:i2]
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            q = round_to_grid(w1[:, i], col_scale[:, i1 + i], bits).masked_fill(m1[:, i], 0.0)
-            err = (w1[:, i] - q) / h1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    w = sparsegpt_update(weight[:, order], pruned[:, order], hinv, BLOCKSIZE,
+                         target=lambda column, i: round_to_grid(column, col_scale[:, i], bits))
     out = torch.empty_like(w)
     out[:, order] = w
-    return out.masked_fill_(pruned, 0.0)
+    return out
 
 
 class GPTQQuantizer:

@@ -8,7 +8,7 @@ The column loop is sequential by nature; every step is vectorised over rows.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,11 +19,14 @@ BLOCKSIZE = 128
 
 
 def sparsegpt_update(weight: torch.Tensor, pruned: torch.Tensor, hinv: torch.Tensor,
-                     blocksize: int = BLOCKSIZE) -> torch.Tensor:
+                     blocksize: int = BLOCKSIZE,
+                     target: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
     """Return ``weight`` (``r x d``) updated by sequential OBS for ``pruned`` (bool ``r x d``).
 
     ``hinv`` is the ``d x d`` upper Cholesky factor of ``Hd⁻¹`` (:func:`obs_factor`).
-    Pruned entries of the result are 0.
+    Column ``i`` is set to ``target(column, i)`` (default: the column itself; GPTQ rounds it
+    to its grid) with its pruned entries 0, and the error is compensated on the columns after
+    it. Pruned entries of the result are 0.
     """
     w = weight.clone()
     d = w.shape[1]
@@ -34,7 +37,7 @@ def sparsegpt_update(weight: torch.Tensor, pruned: torch.Tensor, hinv: torch.Ten
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q = w1[:, i].masked_fill(m1[:, i], 0.0)
+            q = (w1[:, i] if target is None else target(w1[:, i], i1 + i)).masked_fill(m1[:, i], 0.0)
             err = (w1[:, i] - q) / h1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             w1[:, i] = q
