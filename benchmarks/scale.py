@@ -125,16 +125,21 @@ def measure(args, job) -> dict:
     solve = get_solver("pcg")
     rows_out: list[dict] = []
     inverses: dict = {}
+    last_user = {owners[name]: name for name in linears}  # the last linear reading each input's H
     for name, lin in linears.items():
         w = lin.weight.detach().float()
         r, d = w.shape
-        h = hessians[name]
+        h = hessians.pop(name)
         sel, t_select = timed(lambda: WandaSelector().select(w, h, args.sparsity, parse_pattern("unstructured")),
                               device)
         my_rows = job.span(r) if job is not None else slice(0, r)
         k = min(args.rows or r, my_rows.stop - my_rows.start)
         scale = (my_rows.stop - my_rows.start) / k
         sample = slice(my_rows.start, my_rows.start + k)
+        # SparseGPT first, before OPTIMA's damped copy and inverse exist: at 70B shapes down_proj's H is
+        # 3.3 GB, and SparseGPT's own factors next to OPTIMA's do not fit a 24 GiB machine
+        _, t_sgpt = timed(lambda: SparseGPTSelector().select(w[sample], h, args.sparsity,
+                                                             parse_pattern("unstructured")), device)
         problem = prepare(w, sel.pruned, h, damp=0.01, double_precision=False)
         owner = owners[name]
         if owner in inverses:  # q/k/v and gate/up share one input: one inverse
@@ -149,13 +154,15 @@ def measure(args, job) -> dict:
             full = torch.zeros(my_rows.stop - my_rows.start, d, device=device)
             _, t_gather = timed(lambda: job.gather_rows(full, r), device)
         _, t_gemm = timed(lambda: part.weight @ problem.damped, device)
-        _, t_sgpt = timed(lambda: SparseGPTSelector().select(w[sample], h, args.sparsity,
-                                                             parse_pattern("unstructured")), device)
         rows_out.append({"linear": name, "shape": [r, d], "rows_solved": k, "scaled": scale != 1.0,
                          "select": t_select, "inverse": t_inverse, "solve": t_solve * scale,
                          "gather": t_gather, "gemm": t_gemm * scale, "sparsegpt": t_sgpt * scale,
                          "gemm_equivalents": t_solve / t_gemm if t_gemm > 0 else None,
                          "iterations": out.iterations})
+        del problem, part, out, sel, h
+        if last_user[owner] == name:  # no later linear shares this input: free its inverse
+            inverses.pop(owner)
+            accs.pop(owner)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"forward": t_forward, "hessian": t_stats - t_forward + t_reduce, "reduce": t_reduce,
             "linears": rows_out, "peak_gib": peak, "windows": n_windows}
