@@ -142,6 +142,7 @@ def print_summary(report: dict, out=None) -> None:
     opts = report["options"]
     print(f"\n{opts['prune_method']} + {opts['weight_update']}"
           + (f" ({opts['solver']})" if opts["weight_update"] == "optima" else "")
+          + (", matching the dense model's outputs" if opts.get("objective") == "dense" else "")
           + f", {opts['sparsity_type']}, target {opts['sparsity_ratio']:.2f}", file=out)
     print(f"{'layer kind':28} {'n':>4} {'sparsity':>9} {'error_ratio':>12}", file=out)
     kinds: dict = {}
