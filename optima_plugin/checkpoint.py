@@ -2,7 +2,8 @@
 
     DIR/state.json               marker, the run's identity, layer ratios, report rows, next block
     DIR/block_00012.safetensors  block 12's pruned parameters and buffers
-    DIR/inputs_00013.safetensors the inputs of block 13 (removed once block 13 is checkpointed)
+    DIR/inputs_00013.safetensors the inputs of block 13 (removed once block 13 is checkpointed);
+                                 with --objective dense also the dense model's (key ``dense``)
     DIR/model-00013-of-00031.safetensors  a streamed run's output shard of block 12, instead of block_00012
 
 Every file is written to a temporary sibling and renamed, and ``state.json`` last, so
@@ -151,11 +152,21 @@ class Checkpoint:
         """The saved inputs of block ``i`` ``(n, seqlen, hidden)``, in the dtype they were saved in (CPU)."""
         return load_file(str(self._inputs(i)))["inputs"]
 
+    def dense_inputs(self, i: int) -> Tensor:
+        """The saved dense-model inputs of block ``i`` (``--objective dense``), as :meth:`inputs`."""
+        saved = load_file(str(self._inputs(i)))
+        if "dense" not in saved:
+            raise ValueError(f"--checkpoint_dir {self.dir}: {self._inputs(i).name} holds no dense-model inputs; "
+                             "delete that folder to start over")
+        return saved["dense"]
+
     def save(self, i: int, block: Optional[nn.Module], next_inputs: Optional[Tensor], *, num_blocks: int,
-             ratios: dict, layers: list, block_seconds: list, oom_backoff: list) -> None:
+             ratios: dict, layers: list, block_seconds: list, oom_backoff: list,
+             next_dense: Optional[Tensor] = None) -> None:
         """Record that block ``i`` is pruned: its tensors, block ``i+1``'s inputs, then the state.
 
         ``block`` None: a streamed run, whose output shard of block ``i`` is already in this folder.
+        ``next_dense``: block ``i+1``'s dense-model inputs (``--objective dense``), saved beside its inputs.
         """
         self.dir.mkdir(parents=True, exist_ok=True)
         if block is not None:
@@ -167,7 +178,10 @@ class Checkpoint:
                 save_file(tensors, str(tmp))
         if next_inputs is not None:
             with atomic_path(self._inputs(i + 1)) as tmp:
-                save_file({"inputs": next_inputs.detach().to("cpu").contiguous()}, str(tmp))
+                saved = {"inputs": next_inputs}
+                if next_dense is not None:
+                    saved["dense"] = next_dense
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in saved.items()}, str(tmp))
         write_json(self.dir / STATE, {
             "marker": MARKER, "identity": self.identity, "next_block": i + 1, "num_blocks": num_blocks,
             "ratios": ratios, "layers": layers, "block_seconds": block_seconds, "oom_backoff": oom_backoff,

@@ -17,6 +17,7 @@ from .checkpoint import RunInterrupted
 from .config import SAVE_FORMATS, PruneConfig
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
+from .objective import OBJECTIVES
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
 
 log = logging.getLogger("optima_plugin")
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--use_trim", action="store_true", help="TRIM: per-row ratios around each layer's ratio (unstructured only)")
     a("--input_recalc", action="store_true",
       help="recompute each input group's Hessian after the block's earlier linears are pruned")
+    a("--objective", choices=OBJECTIVES, default=d.objective,
+      help="what the optima update matches: pruned (each layer's outputs on the pruned model's inputs) or dense "
+      "(the dense model's outputs: one more block pass on the dense inputs, kept beside the pruned ones)")
     a("--save_layer_ratio", metavar="FILE", help="write the layer ratios to FILE (.json or .npy)")
     a("--load_layer_ratio", metavar="FILE", help="read the layer ratios from FILE (.json or .npy) instead of allocating")
     a("--nsamples", type=int, default=d.nsamples, help="calibration windows")
@@ -138,6 +142,7 @@ def print_summary(report: dict, out=None) -> None:
     opts = report["options"]
     print(f"\n{opts['prune_method']} + {opts['weight_update']}"
           + (f" ({opts['solver']})" if opts["weight_update"] == "optima" else "")
+          + (", matching the dense model's outputs" if opts.get("objective") == "dense" else "")
           + f", {opts['sparsity_type']}, target {opts['sparsity_ratio']:.2f}", file=out)
     print(f"{'layer kind':28} {'n':>4} {'sparsity':>9} {'error_ratio':>12}", file=out)
     kinds: dict = {}
@@ -249,6 +254,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
             prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
             sparsity_type=args.sparsity_type, weight_update=args.weight_update, solver=args.solver,
             allocation=args.allocation, use_trim=args.use_trim, input_recalc=args.input_recalc,
+            objective=args.objective,
             save_layer_ratio=args.save_layer_ratio, load_layer_ratio=args.load_layer_ratio,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,

@@ -11,6 +11,9 @@ pruned and updated weights ``Ŵ_p`` and mask ``pruned`` (True = pruned):
 
 The report's ``compression`` of each layer gives the relative output error
 ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` after pruning, after quantization and after the adapter.
+With ``--objective dense`` these stay the pruned-path figures (``H`` of the pruned model's
+inputs, dense weights ``W`` as reference): the stage fits ``W`` on the pruned path, not the dense
+model's outputs.
 """
 
 from __future__ import annotations

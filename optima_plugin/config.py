@@ -41,6 +41,7 @@ class PruneConfig:
     allocation: str = "uniform"
     use_trim: bool = False
     input_recalc: bool = False
+    objective: str = "pruned"  # pruned: match each layer's outputs on the pruned path; dense: the dense model's
     save_layer_ratio: Optional[str] = None
     load_layer_ratio: Optional[str] = None
     nsamples: int = 32
@@ -125,6 +126,7 @@ class PruneConfig:
             self.eval_ppl = [s for s in self.eval_ppl.split(",") if s]
         self._validate_allocation()
         self._validate_names()
+        self._validate_objective()
         if self.nsamples % self.batch_size:
             raise ValueError(f"--nsamples {self.nsamples} must be a multiple of --batch_size {self.batch_size}")
         if isinstance(self.eval_zero_shot, str):
@@ -148,6 +150,23 @@ class PruneConfig:
             raise ValueError(f"--plot {self.plot}: the file name must end with one of {', '.join(PLOT_FORMATS)}")
         self._validate_paths()
         return self
+
+    def _validate_objective(self) -> None:
+        """``--objective``: a known name; ``dense`` needs the optima update and no ``--input_recalc``."""
+        from .objective import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "pruned":
+            return
+        if self.weight_update != "optima":
+            raise ValueError(f"--objective dense changes the target of the weight update, which --weight_update "
+                             f"{self.weight_update} does not solve for (it would change nothing): use "
+                             "--weight_update optima, or drop --objective dense")
+        if self.input_recalc:
+            raise ValueError("--objective dense needs the dense model's inputs of each linear, taken while its "
+                             "block is still dense; --input_recalc recomputes them from a partly pruned block: "
+                             "drop one of them")
 
     def _validate_save_format(self) -> None:
         """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""

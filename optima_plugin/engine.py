@@ -4,6 +4,7 @@
     for each block:
         onload to the device
         pass 1: forward hooks stream one Hessian per distinct input
+                (--objective dense: also the dense inputs' cross term; see optima_plugin.objective)
         per linear: allocate ratio → select mask → update weights → keep the better
         pass 2: recompute the block's outputs with the pruned block (next inputs)
         offload
@@ -25,7 +26,7 @@ import logging
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -39,6 +40,7 @@ from .config import PruneConfig
 from .data import get_calibration
 from .distributed import SyncedSelector, current as current_job
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
+from .objective import DenseTerms, dense_objective, dense_target
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
 from .plugins import get_plugin_manager, lookup
 from .solvers.problem import reconstruction_error
@@ -230,10 +232,13 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         pipe = BlockPipeline(adapter, device=device, batch_size=config.batch_size,
                              storage=torch.device("cpu") if offload else device,
                              offload="cpu" if offload else None, oom_backoff=oom_backoff, stream=stream,
-                             dist=dist)
+                             dist=dist, track_dense=config.objective == "dense")
         inputs = pipe.capture(tokens)
         if resume and start < num_blocks:
             pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
+            if pipe.track_dense:
+                pipe.dense_inputs = checkpoint.dense_inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
+                check_finite(pipe.dense_inputs, f"the checkpoint's dense-model inputs of block {start}")
         check_finite(inputs, "the inputs of block 0 (the embedding outputs)" if start == 0
                      else f"the checkpoint's inputs of block {start}")
         t_capture = time.perf_counter() - t_start - t_alloc
@@ -257,16 +262,22 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                         for rel, lin in todo.items():
                             check_finite(lin.weight.detach(), f"{names[rel]}: its weights")
                     groups = input_groups(block)
-                    hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype, names)
+                    if pipe.track_dense:  # --objective dense: H, G and ‖wX_d‖² per linear; the dense inputs advance
+                        terms = pipe.dense_statistics(i, block, todo, groups, hdtype, names)
+                        hessians = {rel: t.hessian for rel, t in terms.items()}
+                    else:
+                        terms = {}
+                        hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype, names)
                     for rel, lin in todo.items():
                         if rel not in hessians:  # --input_recalc: this input group's Hessian, after those before it
                             group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
                             hessians = pipe.hessians(i, block, group, groups, hdtype, names)
                         with _named_solver_logs(names[rel]):
                             result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                                   selector, updater, options, row_allocator, config, compression)
+                                                   selector, updater, options, row_allocator, config, compression,
+                                                   terms.get(rel))
                         pm.hook.optima_layer_done(result=result)
-                    del hessians
+                    del hessians, terms
                     pipe.propagate(i, block)
                     check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
                     if stream is not None and (dist is None or dist.is_main()):
@@ -276,7 +287,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                     checkpoint.save(i, None if stream is not None else block,  # streamed: the shard is the record
                                     pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
                                     ratios=ratios, layers=observers[1].layers,
-                                    block_seconds=observers[1].block_seconds + [seconds], oom_backoff=oom_backoff)
+                                    block_seconds=observers[1].block_seconds + [seconds], oom_backoff=oom_backoff,
+                                    next_dense=pipe.dense_inputs if i + 1 < num_blocks else None)
                 pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
                 if stop.requested and i + 1 < num_blocks:
                     raise RunInterrupted(f"interrupted after block {i} of {num_blocks}: blocks 0..{i} are saved in "
@@ -356,7 +368,15 @@ def summarize(layers: list) -> dict:
 
 
 def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options,
-                  row_allocator=None, config=None, compression: Optional[Compression] = None) -> LayerResult:
+                  row_allocator=None, config=None, compression: Optional[Compression] = None,
+                  dense_terms: Optional[DenseTerms] = None) -> LayerResult:
+    """Select, update, keep the better of update and mask only, write the weights, compress.
+
+    ``dense_terms`` (``--objective dense``): the updater solves for the target rows of
+    :func:`~optima_plugin.objective.dense_target` and the reported objectives (and the keep-the-better
+    check) are the dense objective :func:`~optima_plugin.objective.dense_objective` of the update and of
+    the mask-only dense weights. The selector, row allocator and compression stage still see ``H``.
+    """
     t0 = time.perf_counter()
     dense = lin.weight.detach()
     work = dense.float() if dense.dtype not in (torch.float32, torch.float64) else dense
@@ -367,16 +387,29 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         rows = dict(row_summary(ratio), **allocation.stats)
     named = {"name": name} if getattr(selector, "needs_name", False) else {}
     selection = selector.select(work, hessian, ratio, pattern, **named)
-    upd = updater.update(dense, selection, hessian, options)
+    if dense_terms is None:
+        upd = updater.update(dense, selection, hessian, options)
+    else:  # the same problem with the target rows T (float32/64) in place of the dense weights
+        target, target_damp = dense_target(work, hessian, dense_terms.cross, options.damp)
+        upd = updater.update(target, selection, hessian, replace(options, damp=target_damp))
+        upd.objective = upd.mask_objective = None  # those are ‖·‖ to T; the dense objective is measured below
+        upd.stats.update(objective_kind="dense", target_damp=target_damp,
+                         dense_energy=float(dense_terms.energy.double().sum()))
+        if "damp_escalated" in upd.stats:
+            upd.stats["damp_escalated"] = bool(upd.stats["damp_escalated"] or target_damp != options.damp)
     new = upd.weight.to(dense.dtype)
     check_finite(new, f"{name}: the weights of the {updater.name} update")
     mask_only = dense.masked_fill(selection.pruned, 0)
     accepted = True
     objective = mask_objective = error_ratio = None
-    if hessian is not None:  # the updater's own figures when it measured them (one r x d x d product each)
+    if dense_terms is not None:
+        mask_objective = dense_objective(dense, mask_only, dense_terms)
+        objective = dense_objective(dense, new, dense_terms)
+    elif hessian is not None:  # the updater's own figures when it measured them (one r x d x d product each)
         mask_objective = upd.mask_objective if upd.mask_objective is not None else \
             reconstruction_error(dense, mask_only, hessian)
         objective = upd.objective if upd.objective is not None else reconstruction_error(dense, new, hessian)
+    if objective is not None:
         if objective > mask_objective:  # keep the better of before/after
             log.warning("%s: update is worse than the mask alone (%.4g > %.4g); keeping the mask only",
                         name, objective, mask_objective)

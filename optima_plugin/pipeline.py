@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .capture import batch_kwargs, capture_block_inputs, run_block
 from .hessian import HessianAccumulator
 from .models import ModelAdapter
+from .objective import CrossAccumulator, DenseTerms, OutputEnergy, Phase
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,13 @@ class BlockPipeline:
         dist: under torchrun, the job's :class:`~optima_plugin.distributed.Distributed`: this rank
             captures and propagates only its share of the windows, and :meth:`hessians` are
             all-reduced (token-weighted); users of :meth:`statistics` reduce their own accumulators.
+        track_dense: also carry the dense model's block inputs (``dense_inputs``, beside ``inputs`` on
+            ``storage``) for ``--objective dense``: :meth:`dense_statistics` advances them.
     """
 
     def __init__(self, adapter: ModelAdapter, *, device: torch.device, batch_size: int = 1,
                  storage: Optional[torch.device] = None, offload: Optional[torch.device | str] = None,
-                 oom_backoff: Optional[list] = None, stream=None, dist=None) -> None:
+                 oom_backoff: Optional[list] = None, stream=None, dist=None, track_dense: bool = False) -> None:
         self.adapter = adapter
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -111,6 +114,8 @@ class BlockPipeline:
         self.stream = stream
         self.dist = dist
         self.inputs: Optional[Tensor] = None
+        self.track_dense = track_dense
+        self.dense_inputs: Optional[Tensor] = None  # the dense model's inputs of the current block
         self.kwargs: list = []
 
     def capture(self, tokens: Tensor) -> Tensor:
@@ -120,6 +125,8 @@ class BlockPipeline:
             tokens = self.dist.share(tokens)
         self.inputs, self.kwargs = capture_block_inputs(self.adapter, tokens, device=self.device,
                                                         batch_size=self.batch_size, storage_device=self.storage)
+        if self.track_dense:  # identical at block 0
+            self.dense_inputs = self.inputs.clone()
         return self.inputs
 
     @contextmanager
@@ -142,10 +149,12 @@ class BlockPipeline:
             block.to(self.offload if self.offload is not None else home)
 
     def _chunks(self, block: nn.Module, index: int, batch: int):
-        kwargs = self.kwargs[index]
         for start in range(0, self.inputs.shape[0], batch):
-            chunk = self.inputs[start : start + batch].to(self.device)
-            yield start, run_block(block, chunk, batch_kwargs(kwargs, self.batch_size, chunk.shape[0]))
+            yield start, self._run(block, index, self.inputs[start : start + batch])
+
+    def _run(self, block: nn.Module, index: int, chunk: Tensor) -> Tensor:
+        chunk = chunk.to(self.device)
+        return run_block(block, chunk, batch_kwargs(self.kwargs[index], self.batch_size, chunk.shape[0]))
 
     def statistics(self, index: int, block: nn.Module, modules: dict, make: Callable[[], object],
                    *, outputs: bool = False) -> dict:
@@ -185,6 +194,55 @@ class BlockPipeline:
         for rel in todo:
             check_finite(accs[owners[rel]].hessian, f"{(names or {}).get(rel, rel)}: its input Hessian")
         return {rel: accs[owners[rel]].hessian for rel in todo}
+
+    def dense_statistics(self, index: int, block: nn.Module, todo: dict, groups, dtype: torch.dtype,
+                         names: Optional[dict] = None) -> dict[str, DenseTerms]:
+        """``{rel: DenseTerms}`` of the linears in ``todo`` (``--objective dense``), and the dense inputs advanced.
+
+        Block ``index`` must still be dense. Per chunk of windows it runs on the dense inputs (hooks keep
+        each linear's ``x_d`` and its output energy; the outputs become the next ``dense_inputs``), then
+        on the pruned-path inputs of the same windows (hooks pair ``x_p`` with ``x_d``: ``H`` and ``G``).
+        One accumulator per distinct input for ``H``/``G``; under torchrun all are all-reduced
+        token-weighted. Out of memory starts over with half the batch; non-finite terms name the layer.
+        """
+        if self.dense_inputs is None:
+            raise RuntimeError("dense_statistics needs a pipeline built with track_dense=True and captured")
+        owners = input_owners(todo, groups)
+        hooked_on = {rel: todo[rel] for rel in sorted(set(owners.values()))}
+        batch = self.batch_size
+        with torch.no_grad():
+            while True:
+                phase = Phase()
+                nxt = torch.empty_like(self.dense_inputs)
+                try:
+                    with hooked(hooked_on, lambda: CrossAccumulator(dtype, phase)) as pairs, \
+                            hooked(todo, lambda: OutputEnergy(dtype, phase)) as energies:
+                        for start in range(0, self.inputs.shape[0], batch):
+                            phase.dense = True
+                            out = self._run(block, index, self.dense_inputs[start : start + batch])
+                            nxt[start : start + batch] = out.to(nxt.device, nxt.dtype)
+                            phase.dense = False
+                            self._run(block, index, self.inputs[start : start + batch])
+                    break
+                except torch.OutOfMemoryError:
+                    pairs = energies = nxt = None
+                    batch = halve(batch, f"the dense-objective statistics pass of block {index}", self.device)
+                    self.oom_backoff.append({"block": index, "pass": "dense_statistics", "batch": batch})
+        self.dense_inputs = nxt
+        check_finite(nxt, f"the dense model's outputs of block {index}")
+        if self.dist is not None:
+            for rel, acc in pairs.items():
+                acc.all_reduce(self.dist, hooked_on[rel].in_features)
+            for rel, acc in energies.items():
+                acc.all_reduce(self.dist, todo[rel].out_features)
+        out = {}
+        for rel in todo:
+            pair, name = pairs[owners[rel]], (names or {}).get(rel, rel)
+            check_finite(pair.hessian, f"{name}: its input Hessian")
+            check_finite(pair.cross, f"{name}: its dense/pruned input cross term")
+            check_finite(energies[rel].energy, f"{name}: its dense output energy")
+            out[rel] = DenseTerms(pair.hessian, pair.cross, energies[rel].energy, pair.tokens)
+        return out
 
     def propagate(self, index: int, block: nn.Module) -> None:
         """Replace the inputs in place by block ``index``'s outputs (halving the batch on out-of-memory)."""

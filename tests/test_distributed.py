@@ -33,6 +33,7 @@ CASES = {
     "gptq_lora": dict(prune_method="wanda", sparsity_ratio=0.5, weight_update="optima", quantize_weight=True,
                       quantizer="gptq", bitwidth=4, group_size=16, lora_rank=0.1, separate_lora=True),
     "float32": dict(prune_method="wanda", sparsity_ratio=0.5, weight_update="optima", double_precision=False),
+    "dense_objective": dict(prune_method="wanda", sparsity_ratio=0.5, weight_update="optima", objective="dense"),
 }
 # 5 windows: 2 on rank 0, 3 on rank 1. In float64 the all-reduced Hessian differs from the single process's
 # only in bits the float32 weights do not hold; float32 Hessians differ in their last bits (summation order),

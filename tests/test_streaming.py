@@ -61,6 +61,7 @@ def _tied_llama():
     ("opt", dict(prune_method="wanda", weight_update="optima", allocation="owl", use_trim=True)),
     ("qwen2", dict(prune_method="thanos", weight_update="native", allocation="alphapruning", input_recalc=True)),
     ("tied-llama", dict(prune_method="magnitude", weight_update="optima")),
+    ("mistral", dict(prune_method="wanda", weight_update="optima", objective="dense")),
 ])
 def test_streamed_prune_is_bit_identical_to_in_memory(arch, options, tmp_path, tokenizer):
     model = _tied_llama() if arch == "tied-llama" else tiny_model(arch)
