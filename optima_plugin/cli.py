@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
     a("--seed", type=int, default=d.seed)
     a("--calibration_dataset", default=d.calibration_dataset,
-      help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path")
+      help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path; several comma-separated, each "
+      "optionally weighted NAME:W (e.g. pydoc:3,sherlock:1; equal shares by default)")
     a("--batch_size", type=int, default=d.batch_size, help="calibration windows per forward")
     a("--skip_attention", action="store_true", help="prune MLP linears only")
     a("--double_precision", action="store_true", help="solve in float64")

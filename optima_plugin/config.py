@@ -179,10 +179,10 @@ class PruneConfig:
     def _validate_paths(self) -> None:
         """Datasets and input files exist; every output can be written; the checkpoint folder is usable."""
         from .checkpoint import check_checkpoint_dir, default_checkpoint_dir
-        from .data import check_dataset
+        from .data import check_calibration, check_dataset
         from .files import check_output_file, check_save_target
 
-        check_dataset(self.calibration_dataset, "--calibration_dataset")
+        check_calibration(self.calibration_dataset, self.nsamples, "--calibration_dataset")
         for ds in self.eval_ppl:
             check_dataset(ds, "--eval_ppl")
         if self.load_layer_ratio and not Path(self.load_layer_ratio).is_file():
