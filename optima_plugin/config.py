@@ -47,6 +47,9 @@ class PruneConfig:
     seqlen: int = 512
     seed: int = 0
     calibration_dataset: str = "pydoc"
+    sink_tokens: str = "keep"  # attention-sink tokens in the Hessians: keep, exclude or cap (optima_plugin.hessian)
+    sink_positions: int = 1
+    sink_factor: float = 100.0
     skip_attention: bool = False
     double_precision: bool = False
     damp: float = 0.01
@@ -123,6 +126,9 @@ class PruneConfig:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
         if isinstance(self.eval_ppl, str):
             self.eval_ppl = [s for s in self.eval_ppl.split(",") if s]
+        from .hessian import check_sink_options
+
+        check_sink_options(self.sink_tokens, self.sink_positions, self.sink_factor, self.seqlen)
         self._validate_allocation()
         self._validate_names()
         if self.nsamples % self.batch_size:

@@ -234,6 +234,8 @@ def parse_calibration(spec: str, flag: str = "--calibration_dataset") -> list[tu
     built-in name or an existing path (then ``w`` must be a positive number). Cheap; ``ValueError``
     naming ``flag`` for an empty entry, a bad weight or a source listed twice.
     """
+    if not spec.strip():
+        check_dataset(spec, flag)  # the empty-name message
     out: list[tuple[str, Optional[float]]] = []
     for item in spec.split(","):
         item = item.strip()
