@@ -280,7 +280,8 @@ def calibration_counts(spec: str, nsamples: int, flag: str = "--calibration_data
         counts[j] += 1
     for (source, weight), count in zip(parsed, counts):
         if count == 0:
-            raise ValueError(f"{flag}: {source} (weight {weight if weight is not None else 1:g}) gets no window of --nsamples {nsamples}; "
+            shown = weight if weight is not None else 1
+            raise ValueError(f"{flag}: {source} (weight {shown:g}) gets no window of --nsamples {nsamples}; "
                              "raise its weight or --nsamples")
     return [(source, count) for (source, _), count in zip(parsed, counts)]
 

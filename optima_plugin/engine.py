@@ -66,7 +66,7 @@ class LayerResult:
     rows: Optional[dict] = None  # per-row ratio summary (min/max/mean/std) and row allocator stats
     selection: dict = field(default_factory=dict)  # the selector's figures (SparseGPT/Thanos: damp used)
     compression: Optional[dict] = None  # quantization / low-rank figures (optima_plugin.compress)
-    hessian_stats: Optional[dict] = None  # attention-sink tokens of its input: fractions flagged (optima_plugin.hessian)
+    hessian_stats: Optional[dict] = None  # attention-sink tokens of its input (optima_plugin.hessian)
 
     def to_dict(self) -> dict:
         return asdict(self)

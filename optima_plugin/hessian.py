@@ -97,7 +97,7 @@ class HessianAccumulator:
         self.tokens = n + k
 
     def _sink_filter(self, x: Tensor) -> Tensor:
-        """Flag the sink tokens of ``x``, count them, and return the rows H should see: ``(k, d)`` in ``dtype``."""
+        """Flag the sink tokens of ``x``, count them, and return the tokens H should see (``(..., d)`` in ``dtype``)."""
         sink = self.sink
         windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
         windows = windows.to(self.dtype)
@@ -109,14 +109,15 @@ class HessianAccumulator:
         if x.dim() >= 3:
             by_position[:, : sink.positions] = True
         flagged = by_norm | by_position
-        over = flagged & (sq > limit)  # the flagged tokens cap rescales (a small first token stays as it is)
-        counts = [flagged, by_position, by_norm & ~by_position, over if sink.mode == "cap" else over & False]
+        over = by_norm  # the flagged tokens cap rescales: those above the limit (a small first token stays as it is)
+        rescaled = over if sink.mode == "cap" else torch.zeros_like(over)
+        counts = [flagged, by_position, by_norm & ~by_position, rescaled]
         figures = torch.stack([m.sum(dtype=torch.float64) for m in counts]
                               + [sq.sum(dtype=torch.float64), sq.masked_fill(~flagged, 0).sum(dtype=torch.float64)])
         self.sink_counts[0] += sq.numel()
         self.sink_counts[1:] += figures.cpu()  # one transfer per forward
         if sink.mode == "keep":
-            return x
+            return windows  # x as it is (already in ``dtype``)
         if sink.mode == "exclude":
             return windows[~flagged]
         scale = torch.where(over, (limit / sq.clamp_min(torch.finfo(sq.dtype).tiny)).sqrt(), torch.ones_like(sq))

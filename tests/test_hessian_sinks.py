@@ -171,3 +171,13 @@ def test_prune_model_runs_and_reports_with_each_mode(arch):
         weights[mode] = {n: p.detach().clone() for n, p in model.named_parameters()}
     for other in ("exclude", "cap"):
         assert any(not torch.equal(weights["keep"][n], weights[other][n]) for n in weights["keep"])
+
+
+def test_no_norm_rule_where_the_median_token_is_zero():
+    x = torch.zeros(1, S, D, dtype=torch.float64)
+    x[0, 0, 0], x[0, 3, 1] = 5.0, 2.0  # most tokens are zero: the median is 0, no threshold to cap at
+    keep, cap, exclude = (_accumulate(mode, x, chunks=((0, 1),)) for mode in ("keep", "cap", "exclude"))
+    assert torch.equal(cap.hessian, keep.hessian) and cap.sink_stats()["capped"] == 0
+    kept = x[0, 1:]
+    torch.testing.assert_close(exclude.hessian, _mean_outer(kept), rtol=1e-12, atol=1e-12)
+    assert exclude.sink_stats()["by_norm"] == 0 and exclude.sink_stats()["trace_fraction"] == pytest.approx(25 / 29)
