@@ -17,6 +17,7 @@ from .checkpoint import RunInterrupted
 from .config import SAVE_FORMATS, PruneConfig
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
+from .hessian import SINK_MODES
 from .objective import OBJECTIVES
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
 
@@ -58,8 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
     a("--seed", type=int, default=d.seed)
     a("--calibration_dataset", default=d.calibration_dataset,
-      help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path")
+      help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path; several comma-separated, each "
+      "optionally weighted NAME:W (e.g. pydoc:3,sherlock:1; equal shares by default)")
     a("--batch_size", type=int, default=d.batch_size, help="calibration windows per forward")
+    a("--sink_tokens", choices=SINK_MODES, default=d.sink_tokens,
+      help="attention-sink tokens in the Hessians (the first --sink_positions of each window and tokens with "
+      "squared norm above --sink_factor x the window's median): keep, exclude, or cap them at that norm; "
+      "the report gives per layer the fraction of tokens and of trace(H) they hold")
+    a("--sink_positions", type=int, default=d.sink_positions, help="leading positions of each window taken as sinks")
+    a("--sink_factor", type=float, default=d.sink_factor,
+      help="a token is a sink when its squared norm exceeds this many times its window's median")
     a("--skip_attention", action="store_true", help="prune MLP linears only")
     a("--double_precision", action="store_true", help="solve in float64")
     a("--damp", type=float, default=d.damp, help="relative Hessian damping")
@@ -258,6 +267,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
             save_layer_ratio=args.save_layer_ratio, load_layer_ratio=args.load_layer_ratio,
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
+            sink_tokens=args.sink_tokens, sink_positions=args.sink_positions, sink_factor=args.sink_factor,
             skip_attention=args.skip_attention, double_precision=args.double_precision,
             damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
             offload=args.offload, eval_ppl=args.eval_ppl, eval_max_windows=args.eval_max_windows,

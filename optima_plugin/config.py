@@ -48,6 +48,9 @@ class PruneConfig:
     seqlen: int = 512
     seed: int = 0
     calibration_dataset: str = "pydoc"
+    sink_tokens: str = "keep"  # attention-sink tokens in the Hessians: keep, exclude or cap (optima_plugin.hessian)
+    sink_positions: int = 1
+    sink_factor: float = 100.0
     skip_attention: bool = False
     double_precision: bool = False
     damp: float = 0.01
@@ -124,6 +127,9 @@ class PruneConfig:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
         if isinstance(self.eval_ppl, str):
             self.eval_ppl = [s for s in self.eval_ppl.split(",") if s]
+        from .hessian import check_sink_options
+
+        check_sink_options(self.sink_tokens, self.sink_positions, self.sink_factor, self.seqlen)
         self._validate_allocation()
         self._validate_names()
         self._validate_objective()
@@ -167,6 +173,10 @@ class PruneConfig:
             raise ValueError("--objective dense needs the dense model's inputs of each linear, taken while its "
                              "block is still dense; --input_recalc recomputes them from a partly pruned block: "
                              "drop one of them")
+        if self.sink_tokens != "keep":
+            raise ValueError(f"--sink_tokens {self.sink_tokens} is not applied to the paired dense/pruned statistics "
+                             "of --objective dense (the cross term would mix filtered and unfiltered tokens): "
+                             "use --sink_tokens keep with --objective dense, or drop --objective dense")
 
     def _validate_save_format(self) -> None:
         """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""
@@ -198,10 +208,10 @@ class PruneConfig:
     def _validate_paths(self) -> None:
         """Datasets and input files exist; every output can be written; the checkpoint folder is usable."""
         from .checkpoint import check_checkpoint_dir, default_checkpoint_dir
-        from .data import check_dataset
+        from .data import check_calibration, check_dataset
         from .files import check_output_file, check_save_target
 
-        check_dataset(self.calibration_dataset, "--calibration_dataset")
+        check_calibration(self.calibration_dataset, self.nsamples, "--calibration_dataset")
         for ds in self.eval_ppl:
             check_dataset(ds, "--eval_ppl")
         if self.load_layer_ratio and not Path(self.load_layer_ratio).is_file():

@@ -14,15 +14,22 @@
   and ``wikitext-2-raw-v1/{train,test}.txt`` (or a ``wikitext`` dataset folder).
 * a local path: a ``.txt`` file, a ``.json``/``.jsonl`` file with a ``text``
   field, or a directory of those (joined; 80/20 split like pydoc).
+
+Calibration may mix sources: ``pydoc,sherlock,PATH`` (a comma separates sources, so a
+path holding a comma cannot be named here), each optionally weighted ``name:w``
+(``pydoc:3,sherlock:1``); see :func:`calibration_counts` and :func:`get_calibration`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
+from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -194,8 +201,8 @@ def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, wh
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``(nsamples, seqlen)`` int64 calibration windows from ``source``."""
+def _single_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``(nsamples, seqlen)`` int64 calibration windows from one ``source``."""
     if source == "c4":
         docs = load_c4("train")
         rng = random.Random(seed)
@@ -218,6 +225,100 @@ def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: in
     ids = _joined_source_tokens(source, tokenizer)
     head = ids[: int(CALIBRATION_SHARE * ids.numel())]
     return _random_windows(head, nsamples, seqlen, seed, f"the first 80% of {source}")
+
+
+def parse_calibration(spec: str, flag: str = "--calibration_dataset") -> list[tuple[str, Optional[float]]]:
+    """``[(source, weight or None), ...]`` of a comma-separated calibration spec (``pydoc:3,sherlock``).
+
+    A trailing ``:w`` is a weight when ``w`` reads as a number, or when what precedes it is a
+    built-in name or an existing path (then ``w`` must be a positive number). Cheap; ``ValueError``
+    naming ``flag`` for an empty entry, a bad weight or a source listed twice.
+    """
+    if not spec.strip():
+        check_dataset(spec, flag)  # the empty-name message
+    out: list[tuple[str, Optional[float]]] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"{flag} {spec!r} has an empty entry; separate sources by single commas "
+                             f"(e.g. pydoc,sherlock)")
+        source, weight = item, None
+        if ":" in item:
+            head, tail = item.rsplit(":", 1)
+            try:
+                value = float(tail)
+            except ValueError:
+                value = None
+            if value is not None or head in BUILTIN or (head.strip() and Path(head).exists()):
+                if value is None or not math.isfinite(value) or value <= 0:
+                    raise ValueError(f"{flag} {item!r}: the weight after ':' must be a positive number "
+                                     f"(e.g. {head}:2), got {tail!r}")
+                source, weight = head, value
+        if any(source == s for s, _ in out):
+            raise ValueError(f"{flag} lists {source!r} twice; give it once with a weight (e.g. {source}:2)")
+        out.append((source, weight))
+    return out
+
+
+def calibration_counts(spec: str, nsamples: int, flag: str = "--calibration_dataset") -> list[tuple[str, int]]:
+    """``[(source, windows), ...]`` summing to ``nsamples``: shares proportional to the weights (default 1).
+
+    Largest remainders, ties to the earlier source: equal weights split ``nsamples`` as evenly as
+    possible with the remainder to the first sources. ``ValueError`` naming ``flag`` when a source
+    would get no window (more sources than ``nsamples``, or a weight too small for ``nsamples``).
+    """
+    parsed = parse_calibration(spec, flag)
+    if len(parsed) > nsamples:
+        raise ValueError(f"{flag} names {len(parsed)} sources but --nsamples is {nsamples}: every source needs "
+                         f"at least one window; raise --nsamples to {len(parsed)} or more, or name fewer sources")
+    weights = [Fraction(w if w is not None else 1.0) for _, w in parsed]
+    total = sum(weights)
+    exact = [nsamples * w / total for w in weights]
+    counts = [math.floor(e) for e in exact]
+    order = sorted(range(len(parsed)), key=lambda j: (-(exact[j] - counts[j]), j))
+    for j in order[: nsamples - sum(counts)]:
+        counts[j] += 1
+    for (source, weight), count in zip(parsed, counts):
+        if count == 0:
+            shown = weight if weight is not None else 1
+            raise ValueError(f"{flag}: {source} (weight {shown:g}) gets no window of --nsamples {nsamples}; "
+                             "raise its weight or --nsamples")
+    return [(source, count) for (source, _), count in zip(parsed, counts)]
+
+
+def check_calibration(spec: str, nsamples: int, flag: str = "--calibration_dataset") -> None:
+    """``ValueError`` naming ``flag`` unless every source of ``spec`` exists and gets a window (cheap)."""
+    for source, _ in calibration_counts(spec, nsamples, flag):
+        check_dataset(source, flag)
+
+
+def interleave_order(counts: list[int]) -> list[tuple[int, int]]:
+    """``[(source index, window index), ...]``: each source's windows spread evenly over the sequence.
+
+    Window ``j`` of a source with ``c`` windows sits at ``(j + 1/2) / c`` of the way; ties go to the
+    earlier source. Any contiguous run (a torchrun rank's share, a held-out tail) mixes the sources
+    in about their proportions.
+    """
+    keys = [(Fraction(2 * j + 1, 2 * c), s, j) for s, c in enumerate(counts) for j in range(c)]
+    return [(s, j) for _, s, j in sorted(keys)]
+
+
+def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``(nsamples, seqlen)`` int64 calibration windows from ``source``.
+
+    ``source``: one name or path, or comma-separated sources with optional weights
+    (``pydoc:3,sherlock:1``, see :func:`calibration_counts`). Each source draws its windows from
+    its own calibration split with ``seed``; the sources' windows are interleaved
+    (:func:`interleave_order`). A single source gives the same windows as it always did.
+    """
+    shares = calibration_counts(source, nsamples)
+    if len(shares) == 1:
+        return _single_calibration(shares[0][0], tokenizer, nsamples, seqlen, seed)
+    parts = []
+    for name, count in shares:
+        parts.append(_single_calibration(name, tokenizer, count, seqlen, seed))
+        log.info("calibration: %d of %d windows from %s", count, nsamples, name)
+    return torch.stack([parts[s][j] for s, j in interleave_order([c for _, c in shares])])
 
 
 def get_eval_tokens(source: str, tokenizer, seqlen: int = 2048) -> torch.Tensor:

@@ -39,6 +39,7 @@ from .compress import Compression
 from .config import PruneConfig
 from .data import get_calibration
 from .distributed import SyncedSelector, current as current_job
+from .hessian import SinkTokens
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
 from .objective import DenseTerms, dense_objective, dense_target
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
@@ -67,6 +68,7 @@ class LayerResult:
     rows: Optional[dict] = None  # per-row ratio summary (min/max/mean/std) and row allocator stats
     selection: dict = field(default_factory=dict)  # the selector's figures (SparseGPT/Thanos: damp used)
     compression: Optional[dict] = None  # quantization / low-rank figures (optima_plugin.compress)
+    hessian_stats: Optional[dict] = None  # attention-sink tokens of its input (optima_plugin.hessian)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,7 +234,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         pipe = BlockPipeline(adapter, device=device, batch_size=config.batch_size,
                              storage=torch.device("cpu") if offload else device,
                              offload="cpu" if offload else None, oom_backoff=oom_backoff, stream=stream,
-                             dist=dist, track_dense=config.objective == "dense")
+                             dist=dist, track_dense=config.objective == "dense",
+                             sink=SinkTokens.from_config(config))
         inputs = pipe.capture(tokens)
         if resume and start < num_blocks:
             pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
@@ -276,6 +279,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                             result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
                                                    selector, updater, options, row_allocator, config, compression,
                                                    terms.get(rel))
+                        result.hessian_stats = pipe.hessian_stats.get(rel)
                         pm.hook.optima_layer_done(result=result)
                     del hessians, terms
                     pipe.propagate(i, block)

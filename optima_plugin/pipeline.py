@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import batch_kwargs, capture_block_inputs, run_block
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, SinkTokens
 from .models import ModelAdapter
 from .objective import CrossAccumulator, DenseTerms, OutputEnergy, Phase
 
@@ -100,11 +100,15 @@ class BlockPipeline:
             all-reduced (token-weighted); users of :meth:`statistics` reduce their own accumulators.
         track_dense: also carry the dense model's block inputs (``dense_inputs``, beside ``inputs`` on
             ``storage``) for ``--objective dense``: :meth:`dense_statistics` advances them.
+        sink: how :meth:`hessians` treat attention-sink tokens (:class:`~optima_plugin.hessian.SinkTokens`);
+            None: as always (no flagging, no figures). The figures of the last :meth:`hessians` call
+            are in ``hessian_stats`` (``{rel: dict}``).
     """
 
     def __init__(self, adapter: ModelAdapter, *, device: torch.device, batch_size: int = 1,
                  storage: Optional[torch.device] = None, offload: Optional[torch.device | str] = None,
-                 oom_backoff: Optional[list] = None, stream=None, dist=None, track_dense: bool = False) -> None:
+                 oom_backoff: Optional[list] = None, stream=None, dist=None, track_dense: bool = False,
+                 sink: Optional[SinkTokens] = None) -> None:
         self.adapter = adapter
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -113,6 +117,8 @@ class BlockPipeline:
         self.oom_backoff = oom_backoff if oom_backoff is not None else []
         self.stream = stream
         self.dist = dist
+        self.sink = sink
+        self.hessian_stats: dict = {}
         self.inputs: Optional[Tensor] = None
         self.track_dense = track_dense
         self.dense_inputs: Optional[Tensor] = None  # the dense model's inputs of the current block
@@ -183,15 +189,23 @@ class BlockPipeline:
     def hessians(self, index: int, block: nn.Module, todo: dict, groups, dtype: torch.dtype,
                  names: Optional[dict] = None) -> dict:
         """``{rel: H}``: one streamed Hessian per distinct input of the linears in ``todo``; non-finite ones
-        stop the run naming the layer (``names[rel]``)."""
+        stop the run naming the layer (``names[rel]``). With ``sink``, ``hessian_stats`` becomes ``{rel: the
+        sink figures of its input}`` (summed over the ranks)."""
         owners = input_owners(todo, groups)
         hooked_on = {rel: todo[rel] for rel in sorted(set(owners.values()))}
-        accs = self.statistics(index, block, hooked_on, lambda: HessianAccumulator(dtype))
+        accs = self.statistics(index, block, hooked_on, lambda: HessianAccumulator(dtype, self.sink))
         if self.dist is not None:  # H = Σ n_r H_r / Σ n_r: the same on every rank
             for rel, acc in accs.items():
                 d = hooked_on[rel].in_features
                 acc.hessian, acc.tokens = self.dist.mean(acc.hessian, acc.tokens, (d, d), dtype)
+                if acc.sink_counts is not None:
+                    self.dist.sum_(acc.sink_counts)
+        self.hessian_stats = {rel: accs[owners[rel]].sink_stats() for rel in todo} if self.sink is not None else {}
         for rel in todo:
+            if accs[owners[rel]].hessian is None:
+                raise ValueError(f"{(names or {}).get(rel, rel)}: no calibration token is left for its input Hessian "
+                                 "(--sink_tokens exclude flagged them all); use --sink_tokens cap, fewer "
+                                 "--sink_positions, a larger --sink_factor or a longer --seqlen")
             check_finite(accs[owners[rel]].hessian, f"{(names or {}).get(rel, rel)}: its input Hessian")
         return {rel: accs[owners[rel]].hessian for rel in todo}
 

@@ -26,6 +26,9 @@ from optima_plugin import cli
         (["--seqlen", "100000"], "beyond the model's context"),
         (["--lora_rank", "0.1", "--prune_lora"], "--sparsity_type 2:4 or drop --prune_lora"),
         (["--quantizer", "slim"], "add --quantize_weight"),
+        (["--sink_tokens", "exclude", "--sink_factor", "0.5"], "--sink_factor must be a finite number >= 1"),
+        (["--calibration_dataset", "pydoc,sherlock:x"], r"--calibration_dataset 'sherlock:x': the weight"),
+        (["--calibration_dataset", "pydoc,sherlock,c4"], "names 3 sources but --nsamples is 2"),
     ],
 )
 def test_bad_input_one_line(argv, match, tiny_dir, capsys):

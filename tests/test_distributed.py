@@ -192,7 +192,7 @@ def test_cli_streams_saves_and_reports_like_one_process(tmp_path, tiny_dir):
     script = tmp_path / "cli.py"
     script.write_text("import sys\nfrom optima_plugin import cli\nsys.exit(cli.main(sys.argv[1:]))\n")
     common = ["--model", str(tiny_dir), "--nsamples", "5", "--seqlen", "32", "--stream", "--double_precision",
-              "--quiet"]
+              "--calibration_dataset", "pydoc,sherlock", "--sink_tokens", "exclude", "--quiet"]
     proc = torchrun(script, common + ["--save_model", str(tmp_path / "two"), "--report", str(tmp_path / "two.json")])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("prune time") == 1  # the summary, printed by rank 0 only
@@ -200,6 +200,10 @@ def test_cli_streams_saves_and_reports_like_one_process(tmp_path, tiny_dir):
     report = json.loads((tmp_path / "two.json").read_text())
     assert report["stream"] and report["distributed"]["world_size"] == 2
     assert [r["windows"] for r in report["distributed"]["ranks"]] == [2, 3]
+    single = json.loads((tmp_path / "one.json").read_text())
+    for a, b in zip(single["layers"], report["layers"]):  # the sink figures are summed over the ranks
+        assert a["hessian_stats"]["tokens"] == 5 * 32 and a["hessian_stats"]["by_position"] == 5
+        assert b["hessian_stats"] == pytest.approx(a["hessian_stats"]), a["name"]
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert one.keys() == two.keys() and len(one) > 20
     for key, a in one.items():
