@@ -18,6 +18,7 @@ from .config import SAVE_FORMATS, PruneConfig
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
+from .refine import METHODS as REFINE_METHODS
 
 log = logging.getLogger("optima_plugin")
 
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--damp", type=float, default=d.damp, help="relative Hessian damping")
     a("--tol", type=float, default=None, help="solver tolerance (solver default if unset)")
     a("--max_iter", type=int, default=None, help="solver iteration cap")
+    a("--refine_mask", default=d.refine_mask, choices=REFINE_METHODS,
+      help="after the exact solve, change which weights are pruned (same pattern and per-row counts), "
+      "keeping a row's change only where its objective drops: swap (certified pair swaps) or admm (ALPS-style); "
+      "needs --weight_update optima")
+    a("--refine_iters", type=int, default=d.refine_iters, help="--refine_mask iterations (%(default)s)")
     a("--device", default=d.device, help="auto, cuda or cpu")
     a("--offload", action=argparse.BooleanOptionalAction, default=None,
       help="keep the model on CPU and onload one block at a time (default: on with a GPU)")
@@ -254,6 +260,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
             calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
             skip_attention=args.skip_attention, double_precision=args.double_precision,
             damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
+            refine_mask=args.refine_mask, refine_iters=args.refine_iters,
             offload=args.offload, eval_ppl=args.eval_ppl, eval_max_windows=args.eval_max_windows,
             eval_zero_shot=args.eval_zero_shot, tasks_dir=args.tasks_dir, eval_batch_size=args.eval_batch_size,
             eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,

@@ -52,6 +52,8 @@ class PruneConfig:
     damp: float = 0.01
     tol: Optional[float] = None
     max_iter: Optional[int] = None
+    refine_mask: str = "none"  # none, swap or admm: change which weights are pruned after the solve (refine.py)
+    refine_iters: int = 20
     device: str = "auto"
     offload: Optional[bool] = None
     batch_size: int = 1
@@ -123,6 +125,7 @@ class PruneConfig:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
         if isinstance(self.eval_ppl, str):
             self.eval_ppl = [s for s in self.eval_ppl.split(",") if s]
+        self._validate_refine()
         self._validate_allocation()
         self._validate_names()
         if self.nsamples % self.batch_size:
@@ -148,6 +151,19 @@ class PruneConfig:
             raise ValueError(f"--plot {self.plot}: the file name must end with one of {', '.join(PLOT_FORMATS)}")
         self._validate_paths()
         return self
+
+    def _validate_refine(self) -> None:
+        """``--refine_mask``: a known method, a non-negative ``--refine_iters``, and the exact update it needs."""
+        from .refine import METHODS
+
+        if self.refine_mask not in METHODS:
+            raise ValueError(f"--refine_mask must be one of {', '.join(METHODS)}, got {self.refine_mask!r}")
+        if isinstance(self.refine_iters, bool) or not isinstance(self.refine_iters, int) or self.refine_iters < 0:
+            raise ValueError(f"--refine_iters must be an integer >= 0, got {self.refine_iters!r}")
+        if self.refine_mask != "none" and self.weight_update != "optima":
+            raise ValueError(f"--refine_mask {self.refine_mask} re-solves the weights exactly for every mask it tries "
+                             f"(it needs the Hessian): use --weight_update optima instead of "
+                             f"--weight_update {self.weight_update}, or drop --refine_mask")
 
     def _validate_save_format(self) -> None:
         """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""
