@@ -168,6 +168,13 @@ def print_summary(report: dict, out=None) -> None:
         stds = [x["rows"]["std"] for x in layers if x.get("rows")]
         print(f"layer ratios {min(ratios):.4f}..{max(ratios):.4f} ({opts.get('allocation', 'uniform')})"
               + (f", TRIM row ratio std {sum(stds) / len(stds):.4f} on average" if stds else ""), file=out)
+    refined = [x["refine"] for x in layers if x.get("refine")]
+    if refined:
+        before, after = sum(x["objective_before"] for x in refined), sum(x["objective"] for x in refined)
+        print(f"mask refinement ({opts.get('refine_mask')}): objective {before:.4g} -> {after:.4g} "
+              f"({100 * (1 - after / before) if before > 0 else 0.0:.2f}% lower), "
+              f"{sum(x['rows_changed'] for x in refined)} rows changed, {sum(x['swaps'] for x in refined)} swaps",
+              file=out)
     stages = [x["compression"]["relative_error"] for x in layers if x.get("compression")]
     if stages:
         names = list(dict.fromkeys(k for st in stages for k in st))

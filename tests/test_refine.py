@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import json
 
 import pytest
 import torch
@@ -191,3 +193,31 @@ def test_prune_model_reports_before_and_after(method, pattern):
                 groups = (lin.weight == 0).reshape(lin.weight.shape[0], -1, 4).sum(-1)
                 assert bool((groups >= 2).all())
     assert all(x["refine"] is None for x in plain["layers"])
+    out = io.StringIO()
+    cli.print_summary(report, out)
+    assert f"mask refinement ({method}): objective" in out.getvalue()
+
+
+@pytest.mark.slow  # about 30 s: two refined prunes on two Gloo ranks and in this process
+def test_two_ranks_refine_like_one_process(tmp_path):
+    """Every rank refines the same gathered weights and rank 0's result is broadcast: the same masks as one
+    process (float64 Hessians, so the certified decisions see the same numbers)."""
+    from test_distributed import COMMON, RUN_CASES, torchrun
+
+    cases = {f"refine_{m}": dict(COMMON, prune_method="magnitude", weight_update="optima", refine_mask=m,
+                                 refine_iters=3) for m in ("swap", "admm")}
+    script = tmp_path / "run_cases.py"
+    script.write_text(RUN_CASES)
+    proc = torchrun(script, [json.dumps(cases), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, options in cases.items():
+        model = tiny_model("llama")
+        single = prune(model, tiny_tokenizer(), progress=False, **options)
+        ranked = torch.load(tmp_path / f"{name}.pt", weights_only=False)
+        assert ranked["report"]["distributed"]["world_size"] == 2
+        assert sum(x["refine"]["rows_changed"] for x in single["layers"]) > 0
+        for key, dense in model.state_dict().items():
+            other = ranked["state"][key]
+            assert torch.equal(dense == 0, other == 0), f"{name}: the masks of {key} differ"
+            scale = dense.abs().max().clamp_min(1e-12)
+            assert float((dense - other).abs().max() / scale) <= 1e-5, f"{name}: {key} differs"
