@@ -37,6 +37,12 @@ Two methods, both vectorised over rows (loops run over iterations only):
   whose support changed are re-solved exactly on ``Z``'s support and kept only where
   their exact objective dropped.
 
+Measured on SmolLM2-135M block 3 (16 x 256 pydoc tokens, Wanda mask, pcg, CPU): the exact
+objective of ``down_proj`` (576 x 1536) drops 44% with ``swap`` (20 iterations, 54 s) and
+46% with ``admm`` (30 iterations, 14 s) at 50% unstructured, 25% and 41% at 2:4; ``q_proj``
+(576 x 576) 33% / 34% and 21% / 29%. ``swap`` re-solves every proposing row each iteration,
+so it costs about one solve per iteration; ``admm`` one triangular solve pair per iteration.
+
 Certification: a row's new mask and weights replace the old ones only when its damped
 objective drops by more than ``ACCEPT_RTOL`` (relative) and its undamped objective does
 not rise, both measured on the weights as returned (rounded to their dtype), so no row's
@@ -66,7 +72,8 @@ CANDIDATES = 32
 MAX_SWAPS = 16
 #: a row is accepted when its damped objective drops by more than this relative amount
 ACCEPT_RTOL = 1e-6
-#: ``admm``: ``ρ`` starts at ``RHO_START`` (the problem scaled to unit diagonal) and grows ``× RHO_GROWTH`` every ``RHO_EVERY`` iterations
+#: ``admm``: ``ρ`` starts at ``RHO_START`` (the problem scaled to unit diagonal) and grows
+#: ``× RHO_GROWTH`` every ``RHO_EVERY`` iterations
 RHO_START = 0.3
 RHO_GROWTH = 1.3
 RHO_EVERY = 3

@@ -22,7 +22,7 @@ FAST = dict(nsamples=4, seqlen=64, calibration_dataset="pydoc")
 
 
 def oracle(target: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Float64 KKT solve, row by row, with its own damping: ``Hd_SS δ_S = Hd_SP t_P``, ``ŵ = t + δ``, ``ŵ_P = 0``."""
+    """Float64 KKT solve, row by row, own damping: ``Hd_SS δ_S = Hd_SP t_P``, ``ŵ = t + δ``, ``ŵ_P = 0``."""
     h = hessian.double()
     h = 0.5 * (h + h.T)
     diag = torch.diagonal(h).clone()
@@ -59,7 +59,8 @@ def problem(kind: str, mask_by: str, seed: int = 0):
     if kind == "2:4":
         return w, h, nm_mask(score, Pattern(2, 4)), Pattern(2, 4)
     if kind == "rows":
-        counts = torch.linspace(0.2, 0.8, R).mul(D).long()[torch.randperm(R, generator=torch.Generator().manual_seed(1))]
+        order = torch.randperm(R, generator=torch.Generator().manual_seed(1))
+        counts = torch.linspace(0.2, 0.8, R).mul(D).long()[order]
     else:
         counts = torch.full((R,), D // 2)
     return w, h, count_mask(score, counts), Pattern()
