@@ -222,3 +222,42 @@ def test_two_ranks_refine_like_one_process(tmp_path):
             assert torch.equal(dense == 0, other == 0), f"{name}: the masks of {key} differ"
             scale = dense.abs().max().clamp_min(1e-12)
             assert float((dense - other).abs().max() / scale) <= 1e-5, f"{name}: {key} differs"
+
+
+def test_pair_score_is_a_lower_bound_on_the_exact_decrease():
+    """``s(i, j)`` (the swap's ranking) never exceeds the exact damped decrease of swapping ``i`` out, ``j`` in."""
+    from optima_plugin.refine import _pair_scores
+
+    target, h, pruned, _ = problem("unstructured", "wanda")
+    hd = 0.5 * (h.double() + h.double().T)
+    hd = hd + DAMP * hd.diagonal()[hd.diagonal() > 0].mean() * torch.eye(D, dtype=torch.float64)
+    hd[hd.diagonal() <= 0, hd.diagonal() <= 0] = 1.0 + DAMP * h.diagonal()[h.diagonal() > 0].double().mean()
+
+    def damped(weight, t):
+        delta = weight - t.double()
+        return ((delta @ hd) * delta).sum(dim=1)
+
+    opt = oracle(target, pruned, h, DAMP)
+    grad = (opt - target.double()) @ hd
+    gen = torch.Generator().manual_seed(3)
+    checked = 0
+    for row in range(4):
+        kept, gone = torch.nonzero(~pruned[row]).squeeze(1), torch.nonzero(pruned[row]).squeeze(1)
+        for _ in range(5):
+            i = kept[torch.randint(len(kept), (1,), generator=gen)].item()
+            j = gone[torch.randint(len(gone), (1,), generator=gen)].item()
+            swapped = pruned[row:row + 1].clone()
+            swapped[0, i], swapped[0, j] = True, False
+            new = oracle(target[row:row + 1], swapped, h, DAMP)
+            exact = float(damped(opt[row:row + 1], target[row:row + 1]) - damped(new, target[row:row + 1]))
+            bound = float(_pair_scores(grad[row, j], opt[row, i], hd[i, j], hd[j, j], hd[i, i]))
+            assert bound <= exact + 1e-9 * max(1.0, abs(exact)), (row, i, j, bound, exact)
+            # the bound is the decrease of the uncompensated move: drop i, then the best step on j alone
+            moved = opt[row:row + 1].clone()
+            moved[0, i] = 0.0
+            g_j = float(((moved - target[row:row + 1].double()) @ hd)[0, j])
+            moved[0, j] -= g_j / float(hd[j, j])
+            direct = float(damped(opt[row:row + 1], target[row:row + 1]) - damped(moved, target[row:row + 1]))
+            assert bound == pytest.approx(direct, rel=1e-6, abs=1e-12)
+            checked += 1
+    assert checked == 20
