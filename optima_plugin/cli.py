@@ -20,6 +20,7 @@ from .evaluation.zero_shot import DEFAULT_TASKS
 from .hessian import SINK_MODES
 from .objective import OBJECTIVES
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
+from .refine import METHODS as REFINE_METHODS
 
 log = logging.getLogger("optima_plugin")
 
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--damp", type=float, default=d.damp, help="relative Hessian damping")
     a("--tol", type=float, default=None, help="solver tolerance (solver default if unset)")
     a("--max_iter", type=int, default=None, help="solver iteration cap")
+    a("--refine_mask", default=d.refine_mask, choices=REFINE_METHODS,
+      help="after the exact solve, change which weights are pruned (same pattern and per-row counts), "
+      "keeping a row's change only where its objective drops: swap (certified pair swaps) or admm (ALPS-style); "
+      "needs --weight_update optima")
+    a("--refine_iters", type=int, default=d.refine_iters, help="--refine_mask iterations (%(default)s)")
     a("--device", default=d.device, help="auto, cuda or cpu")
     a("--offload", action=argparse.BooleanOptionalAction, default=None,
       help="keep the model on CPU and onload one block at a time (default: on with a GPU)")
@@ -176,6 +182,13 @@ def print_summary(report: dict, out=None) -> None:
         stds = [x["rows"]["std"] for x in layers if x.get("rows")]
         print(f"layer ratios {min(ratios):.4f}..{max(ratios):.4f} ({opts.get('allocation', 'uniform')})"
               + (f", TRIM row ratio std {sum(stds) / len(stds):.4f} on average" if stds else ""), file=out)
+    refined = [x["refine"] for x in layers if x.get("refine")]
+    if refined:
+        before, after = sum(x["objective_before"] for x in refined), sum(x["objective"] for x in refined)
+        print(f"mask refinement ({opts.get('refine_mask')}): objective {before:.4g} -> {after:.4g} "
+              f"({100 * (1 - after / before) if before > 0 else 0.0:.2f}% lower), "
+              f"{sum(x['rows_changed'] for x in refined)} rows changed, {sum(x['swaps'] for x in refined)} swaps",
+              file=out)
     stages = [x["compression"]["relative_error"] for x in layers if x.get("compression")]
     if stages:
         names = list(dict.fromkeys(k for st in stages for k in st))
@@ -270,6 +283,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
             sink_tokens=args.sink_tokens, sink_positions=args.sink_positions, sink_factor=args.sink_factor,
             skip_attention=args.skip_attention, double_precision=args.double_precision,
             damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
+            refine_mask=args.refine_mask, refine_iters=args.refine_iters,
             offload=args.offload, eval_ppl=args.eval_ppl, eval_max_windows=args.eval_max_windows,
             eval_zero_shot=args.eval_zero_shot, tasks_dir=args.tasks_dir, eval_batch_size=args.eval_batch_size,
             eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,

@@ -56,6 +56,8 @@ class PruneConfig:
     damp: float = 0.01
     tol: Optional[float] = None
     max_iter: Optional[int] = None
+    refine_mask: str = "none"  # none, swap or admm: change which weights are pruned after the solve (refine.py)
+    refine_iters: int = 20
     device: str = "auto"
     offload: Optional[bool] = None
     batch_size: int = 1
@@ -130,6 +132,7 @@ class PruneConfig:
         from .hessian import check_sink_options
 
         check_sink_options(self.sink_tokens, self.sink_positions, self.sink_factor, self.seqlen)
+        self._validate_refine()
         self._validate_allocation()
         self._validate_names()
         self._validate_objective()
@@ -177,6 +180,19 @@ class PruneConfig:
             raise ValueError(f"--sink_tokens {self.sink_tokens} is not applied to the paired dense/pruned statistics "
                              "of --objective dense (the cross term would mix filtered and unfiltered tokens): "
                              "use --sink_tokens keep with --objective dense, or drop --objective dense")
+
+    def _validate_refine(self) -> None:
+        """``--refine_mask``: a known method, a non-negative ``--refine_iters``, and the exact update it needs."""
+        from .refine import METHODS
+
+        if self.refine_mask not in METHODS:
+            raise ValueError(f"--refine_mask must be one of {', '.join(METHODS)}, got {self.refine_mask!r}")
+        if isinstance(self.refine_iters, bool) or not isinstance(self.refine_iters, int) or self.refine_iters < 0:
+            raise ValueError(f"--refine_iters must be an integer >= 0, got {self.refine_iters!r}")
+        if self.refine_mask != "none" and self.weight_update != "optima":
+            raise ValueError(f"--refine_mask {self.refine_mask} re-solves the weights exactly for every mask it tries "
+                             f"(it needs the Hessian): use --weight_update optima instead of "
+                             f"--weight_update {self.weight_update}, or drop --refine_mask")
 
     def _validate_save_format(self) -> None:
         """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""

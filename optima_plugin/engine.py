@@ -69,6 +69,7 @@ class LayerResult:
     selection: dict = field(default_factory=dict)  # the selector's figures (SparseGPT/Thanos: damp used)
     compression: Optional[dict] = None  # quantization / low-rank figures (optima_plugin.compress)
     hessian_stats: Optional[dict] = None  # attention-sink tokens of its input (optima_plugin.hessian)
+    refine: Optional[dict] = None  # --refine_mask: objective before/after, rows changed, swaps (optima_plugin.refine)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -399,11 +400,15 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         upd.objective = upd.mask_objective = None  # those are ‖·‖ to T; the dense objective is measured below
         upd.stats.update(objective_kind="dense", target_damp=target_damp,
                          dense_energy=float(dense_terms.energy.double().sum()))
+        upd.target = target  # --refine_mask refines towards T too
         if "damp_escalated" in upd.stats:
             upd.stats["damp_escalated"] = bool(upd.stats["damp_escalated"] or target_damp != options.damp)
+    mask_only = dense.masked_fill(selection.pruned, 0)  # the selector's mask: mask_objective stays its figure
+    refined, selected = None, selection
+    if config is not None and config.refine_mask != "none" and hessian is not None:
+        selection, upd, refined = _refine(selection, upd, dense, hessian, pattern, options, config)
     new = upd.weight.to(dense.dtype)
     check_finite(new, f"{name}: the weights of the {updater.name} update")
-    mask_only = dense.masked_fill(selection.pruned, 0)
     accepted = True
     objective = mask_objective = error_ratio = None
     if dense_terms is not None:
@@ -417,7 +422,7 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         if objective > mask_objective:  # keep the better of before/after
             log.warning("%s: update is worse than the mask alone (%.4g > %.4g); keeping the mask only",
                         name, objective, mask_objective)
-            new, objective, accepted = mask_only, mask_objective, False
+            new, objective, accepted, selection = mask_only, mask_objective, False, selected
         error_ratio = objective / mask_objective if mask_objective > 0 else (0.0 if objective == 0 else 1.0)
     original = dense.clone() if compression is not None else None  # ``dense`` is the parameter, written next
     with torch.no_grad():
@@ -430,8 +435,34 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         sparsity=sparsity, error_ratio=error_ratio,
         objective=objective, mask_objective=mask_objective, accepted=accepted,
         seconds=time.perf_counter() - t0, update=upd.stats, rows=rows, selection=selection.stats,
-        compression=figures,
+        compression=figures, refine=refined,
     )
+
+
+def _refine(selection, upd, dense, hessian, pattern, options: UpdateOptions, config: PruneConfig):
+    """``--refine_mask``: the refined ``(selection, update, stats)`` (:func:`optima_plugin.refine.refine_mask`).
+
+    The target is the dense weights (or ``upd.target`` when an updater provides one). Under torchrun every rank
+    refines the same gathered weights with the same arguments, and rank 0's mask and weights are broadcast so
+    that all ranks surely end equal.
+    """
+    from dataclasses import replace as dc_replace
+
+    from .refine import refine_mask
+
+    target = getattr(upd, "target", None)
+    target = dense if target is None else target
+    ref = refine_mask(config.refine_mask, target, upd.weight, selection.pruned, hessian, pattern=pattern,
+                      iterations=config.refine_iters, solver=options.solver,
+                      damp=upd.stats.get("damp", options.damp), tol=options.tol, max_iter=options.max_iter,
+                      double_precision=options.double_precision)
+    pruned, weight = ref.pruned, ref.weight
+    split = options.split
+    if split is not None and split.world_size > 1:
+        pruned, weight = split.broadcast(pruned), split.broadcast(weight)
+    objective = ref.objective if upd.objective is not None else None
+    return (dc_replace(selection, pruned=pruned), dc_replace(upd, weight=weight, objective=objective),
+            ref.stats())
 
 
 def _sparsity(layers: list) -> float:

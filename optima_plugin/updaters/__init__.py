@@ -30,6 +30,7 @@ class Update:
     stats: dict = field(default_factory=dict)
     objective: Optional[float] = None
     mask_objective: Optional[float] = None
+    target: Optional[Tensor] = None  # the rows the update fitted when they are not the dense weights (--objective dense)
 
 
 @dataclass
