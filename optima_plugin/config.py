@@ -10,7 +10,6 @@ with :meth:`PruneConfig.option`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -49,7 +48,7 @@ class PruneConfig:
     calibration_dataset: str = "pydoc"
     skip_attention: bool = False
     double_precision: bool = False
-    damp: float = 0.01
+    damp: float | str = 0.01  # or "auto": chosen per layer on held-out windows (optima_plugin.damping)
     tol: Optional[float] = None
     max_iter: Optional[int] = None
     device: str = "auto"
@@ -113,8 +112,7 @@ class PruneConfig:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if not (math.isfinite(self.damp) and self.damp >= 0):
-            raise ValueError(f"--damp must be a finite number >= 0, got {self.damp}")
+        self._validate_damp()
         if self.tol is not None and not 0.0 < self.tol < 1.0:
             raise ValueError(f"--tol must be in (0, 1) (a relative tolerance), got {self.tol}")
         for name in ("max_iter", "eval_max_windows"):
@@ -148,6 +146,16 @@ class PruneConfig:
             raise ValueError(f"--plot {self.plot}: the file name must end with one of {', '.join(PLOT_FORMATS)}")
         self._validate_paths()
         return self
+
+    def _validate_damp(self) -> None:
+        """``--damp``: a finite number >= 0, or ``auto`` (which holds out calibration windows: two or more)."""
+        from .damping import HOLDOUT_EVERY, check_damp, is_auto
+
+        check_damp(self.damp, "--damp")
+        if is_auto(self.damp) and self.nsamples < 2:
+            raise ValueError(f"--damp auto holds out one calibration window in {HOLDOUT_EVERY} to choose each layer's "
+                             f"damp and fits on the others: it needs --nsamples 2 or more (got {self.nsamples}), "
+                             "or give --damp a number")
 
     def _validate_save_format(self) -> None:
         """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""

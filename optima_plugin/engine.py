@@ -36,6 +36,7 @@ from .allocators import AllocationContext, resolve_layer_ratios, row_summary
 from .checkpoint import Checkpoint, RunInterrupted, run_identity, stop_after_block
 from .compress import Compression
 from .config import PruneConfig
+from .damping import HOLDOUT_EVERY, is_auto, layer_inputs
 from .data import get_calibration
 from .distributed import SyncedSelector, current as current_job
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
@@ -121,7 +122,7 @@ def warn_small_calibration(linears: dict[str, nn.Linear], nsamples: int, seqlen:
 
 
 #: loggers whose lines about one layer (damping escalated, not converged, ...) do not know its name
-_SOLVER_LOGGERS = ("optima_plugin.solvers.reconstruct", "optima_plugin.solvers.problem")
+_SOLVER_LOGGERS = ("optima_plugin.solvers.reconstruct", "optima_plugin.solvers.problem", "optima_plugin.damping")
 
 
 @contextmanager
@@ -241,6 +242,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision,
                                 split=dist)
         compression = Compression.from_config(config)
+        holdout = HOLDOUT_EVERY if is_auto(config.damp) else None  # --damp auto: fit and held-out Hessians
         prefix = blocks_path(adapter)
         pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
         observers[0].skip(start)
@@ -257,14 +259,17 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                         for rel, lin in todo.items():
                             check_finite(lin.weight.detach(), f"{names[rel]}: its weights")
                     groups = input_groups(block)
-                    hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype, names)
+                    hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype, names,
+                                                                            holdout)
                     for rel, lin in todo.items():
                         if rel not in hessians:  # --input_recalc: this input group's Hessian, after those before it
                             group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
-                            hessians = pipe.hessians(i, block, group, groups, hdtype, names)
+                            hessians = pipe.hessians(i, block, group, groups, hdtype, names, holdout)
+                        hessian, layer_options = layer_inputs(hessians[rel], options)
                         with _named_solver_logs(names[rel]):
-                            result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                                   selector, updater, options, row_allocator, config, compression)
+                            result = _prune_linear(names[rel], i, lin, hessian, ratios[names[rel]], pattern,
+                                                   selector, updater, layer_options, row_allocator, config,
+                                                   compression)
                         pm.hook.optima_layer_done(result=result)
                     del hessians
                     pipe.propagate(i, block)
