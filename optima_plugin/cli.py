@@ -167,6 +167,11 @@ def print_summary(report: dict, out=None) -> None:
     if summary.get("damp_escalated"):
         print(f"{summary['damp_escalated']} layers needed more damping than --damp (e.g. "
               f"{summary['damp_escalated_layers'][0]}); see layers[].update.damp in the report", file=out)
+    chosen = [x["update"]["damp_auto"]["chosen"] for x in layers if (x.get("update") or {}).get("damp_auto")]
+    if chosen:  # --damp auto: how many layers each damp won (the mask alone last)
+        kinds = sorted(c for c in set(chosen) if c != "mask_only") + ["mask_only"] * ("mask_only" in chosen)
+        print("--damp auto chose " + ", ".join(f"{c if c == 'mask_only' else f'{c:g}'} ({chosen.count(c)} layers)"
+                                               for c in kinds), file=out)
     if summary.get("rejected_updates"):
         print(f"{summary['rejected_updates']} layers kept the mask-only weights (the update was worse)", file=out)
     ratios = [x["ratio"] for x in layers]

@@ -280,3 +280,18 @@ def test_two_ranks_choose_the_damps_of_one_process(tmp_path):
         other = ranked["state"][key]
         assert torch.equal(dense == 0, other == 0), key
         assert float((dense - other).abs().max() / dense.abs().max().clamp_min(1e-12)) <= 1e-5, key
+
+
+def test_cli_run_with_damp_auto_reports_and_prints_the_choices(tiny_dir, tmp_path, capsys):
+    import json
+
+    report = tmp_path / "report.json"
+    argv = ["--model", str(tiny_dir), "--nsamples", "4", "--seqlen", "32", "--damp", "auto", "--report", str(report),
+            "--quiet", "--no_checkpoint"]
+    assert cli.main(argv) == 0
+    layers = json.loads(report.read_text())["layers"]
+    chosen = [x["update"]["damp_auto"]["chosen"] for x in layers]
+    assert len(chosen) == 21
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("--damp auto chose"))
+    for c in set(chosen):
+        assert f"{c if c == 'mask_only' else f'{c:g}'} ({chosen.count(c)} layers)" in line, line
