@@ -217,6 +217,13 @@ def test_prune_model_with_damp_auto_reports_a_chosen_damp_per_layer():
         assert layer["accepted"] and 0 <= layer["error_ratio"] <= 1
 
 
+def test_damp_auto_with_input_recalc_splits_every_recomputed_hessian():
+    report = prune(tiny_model("llama"), tiny_tokenizer(), progress=False, damp="auto", input_recalc=True,
+                   skip_attention=True, **COMMON)
+    assert len(report["layers"]) == 9
+    assert all(x["update"]["damp_auto"]["val_tokens"] == 2 * 32 for x in report["layers"])
+
+
 def test_with_auto_selectors_that_damp_themselves_use_the_fixed_default():
     model = tiny_model("llama")
     report = prune(model, tiny_tokenizer(), progress=False, damp="auto", prune_method="sparsegpt",
