@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="a token is a sink when its squared norm exceeds this many times its window's median")
     a("--skip_attention", action="store_true", help="prune MLP linears only")
     a("--double_precision", action="store_true", help="solve in float64")
-    a("--damp", type=float, default=d.damp, help="relative Hessian damping")
+    a("--damp", type=_damp, default=d.damp,
+      help="relative Hessian damping, or auto: per layer the best of 1e-3..10 on held-out calibration windows "
+      "(SparseGPT/Thanos updates, GPTQ and low rank then use 0.01)")
     a("--tol", type=float, default=None, help="solver tolerance (solver default if unset)")
     a("--max_iter", type=int, default=None, help="solver iteration cap")
     a("--refine_mask", default=d.refine_mask, choices=REFINE_METHODS,
@@ -114,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_disable_flag(p)
     PruneConfig.declared_options().add_to_argparse(p)
     return p
+
+
+def _damp(text: str):
+    """``--damp``: a number or ``auto``."""
+    from .damping import parse_damp
+
+    try:
+        return parse_damp(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count_or_fraction(text: str):
@@ -175,6 +187,11 @@ def print_summary(report: dict, out=None) -> None:
     if summary.get("damp_escalated"):
         print(f"{summary['damp_escalated']} layers needed more damping than --damp (e.g. "
               f"{summary['damp_escalated_layers'][0]}); see layers[].update.damp in the report", file=out)
+    chosen = [x["update"]["damp_auto"]["chosen"] for x in layers if (x.get("update") or {}).get("damp_auto")]
+    if chosen:  # --damp auto: how many layers each damp won (the mask alone last)
+        kinds = sorted(c for c in set(chosen) if c != "mask_only") + ["mask_only"] * ("mask_only" in chosen)
+        print("--damp auto chose " + ", ".join(f"{c if c == 'mask_only' else f'{c:g}'} ({chosen.count(c)} layers)"
+                                               for c in kinds), file=out)
     if summary.get("rejected_updates"):
         print(f"{summary['rejected_updates']} layers kept the mask-only weights (the update was worse)", file=out)
     ratios = [x["ratio"] for x in layers]

@@ -52,18 +52,20 @@ class Compression:
     @classmethod
     def from_config(cls, config) -> Optional["Compression"]:
         """The stage for ``config`` (a validated :class:`~optima_plugin.config.PruneConfig`), or None when off."""
+        from .damping import fixed_damp
         from .plugins import lookup
 
         opt = config.option
+        damp = fixed_damp(config.damp)  # --damp auto chooses the OPTIMA update's damp only
         quantize, rank = opt("quantize_weight"), opt("lora_rank")
         if not quantize and not rank:
             return None
         return cls(
             quantizer=lookup("quantizers", opt("quantizer"), "--quantizer") if quantize else None,
-            quant=QuantOptions(opt("bitwidth"), opt("group_size"), opt("act_order"), config.damp),
+            quant=QuantOptions(opt("bitwidth"), opt("group_size"), opt("act_order"), damp),
             lora_rank=rank, lowrank=opt("lowrank"), separate=opt("separate_lora"),
             quantize_lora=opt("quantize_lora"), prune_lora=opt("prune_lora"), pad_lora=opt("pad_lora"),
-            tile=opt("lora_tile_size"), damp=config.damp, scale_important=opt("scale_important_weights"))
+            tile=opt("lora_tile_size"), damp=damp, scale_important=opt("scale_important_weights"))
 
     def apply(self, name: str, linear: nn.Linear, dense: Tensor, pruned: Tensor, hessian: Optional[Tensor]) -> dict:
         """Quantize and/or fit the adapter of ``linear`` (its weight: the pruned, updated ``r x d``); ``dense``:

@@ -10,7 +10,6 @@ with :meth:`PruneConfig.option`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -53,7 +52,7 @@ class PruneConfig:
     sink_factor: float = 100.0
     skip_attention: bool = False
     double_precision: bool = False
-    damp: float = 0.01
+    damp: float | str = 0.01  # or "auto": chosen per layer on held-out windows (optima_plugin.damping)
     tol: Optional[float] = None
     max_iter: Optional[int] = None
     refine_mask: str = "none"  # none, swap or admm: change which weights are pruned after the solve (refine.py)
@@ -119,8 +118,7 @@ class PruneConfig:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if not (math.isfinite(self.damp) and self.damp >= 0):
-            raise ValueError(f"--damp must be a finite number >= 0, got {self.damp}")
+        self._validate_damp()
         if self.tol is not None and not 0.0 < self.tol < 1.0:
             raise ValueError(f"--tol must be in (0, 1) (a relative tolerance), got {self.tol}")
         for name in ("max_iter", "eval_max_windows"):
@@ -176,6 +174,10 @@ class PruneConfig:
             raise ValueError("--objective dense needs the dense model's inputs of each linear, taken while its "
                              "block is still dense; --input_recalc recomputes them from a partly pruned block: "
                              "drop one of them")
+        if isinstance(self.damp, str):
+            raise ValueError(f"--damp {self.damp} chooses each layer's damp on held-out windows of the pruned-path "
+                             "Hessian alone; --objective dense needs one damp for its target rows: give --damp a "
+                             "number with --objective dense, or drop --objective dense")
         if self.sink_tokens != "keep":
             raise ValueError(f"--sink_tokens {self.sink_tokens} is not applied to the paired dense/pruned statistics "
                              "of --objective dense (the cross term would mix filtered and unfiltered tokens): "
@@ -193,6 +195,16 @@ class PruneConfig:
             raise ValueError(f"--refine_mask {self.refine_mask} re-solves the weights exactly for every mask it tries "
                              f"(it needs the Hessian): use --weight_update optima instead of "
                              f"--weight_update {self.weight_update}, or drop --refine_mask")
+
+    def _validate_damp(self) -> None:
+        """``--damp``: a finite number >= 0, or ``auto`` (which holds out calibration windows: two or more)."""
+        from .damping import HOLDOUT_EVERY, check_damp, is_auto
+
+        check_damp(self.damp, "--damp")
+        if is_auto(self.damp) and self.nsamples < 2:
+            raise ValueError(f"--damp auto holds out one calibration window in {HOLDOUT_EVERY} to choose each layer's "
+                             f"damp and fits on the others: it needs --nsamples 2 or more (got {self.nsamples}), "
+                             "or give --damp a number")
 
     def _validate_save_format(self) -> None:
         """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""

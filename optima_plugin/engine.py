@@ -37,6 +37,7 @@ from .allocators import AllocationContext, resolve_layer_ratios, row_summary
 from .checkpoint import Checkpoint, RunInterrupted, run_identity, stop_after_block
 from .compress import Compression
 from .config import PruneConfig
+from .damping import HOLDOUT_EVERY, is_auto, layer_inputs
 from .data import get_calibration
 from .distributed import SyncedSelector, current as current_job
 from .hessian import SinkTokens
@@ -126,7 +127,7 @@ def warn_small_calibration(linears: dict[str, nn.Linear], nsamples: int, seqlen:
 
 
 #: loggers whose lines about one layer (damping escalated, not converged, ...) do not know its name
-_SOLVER_LOGGERS = ("optima_plugin.solvers.reconstruct", "optima_plugin.solvers.problem")
+_SOLVER_LOGGERS = ("optima_plugin.solvers.reconstruct", "optima_plugin.solvers.problem", "optima_plugin.damping")
 
 
 @contextmanager
@@ -250,6 +251,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision,
                                 split=dist)
         compression = Compression.from_config(config)
+        holdout = HOLDOUT_EVERY if is_auto(config.damp) else None  # --damp auto: fit and held-out Hessians
         prefix = blocks_path(adapter)
         pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
         observers[0].skip(start)
@@ -271,15 +273,17 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                         hessians = {rel: t.hessian for rel, t in terms.items()}
                     else:
                         terms = {}
-                        hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype, names)
+                        hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype,
+                                                                                names, holdout)
                     for rel, lin in todo.items():
                         if rel not in hessians:  # --input_recalc: this input group's Hessian, after those before it
                             group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
-                            hessians = pipe.hessians(i, block, group, groups, hdtype, names)
+                            hessians = pipe.hessians(i, block, group, groups, hdtype, names, holdout)
+                        hessian, layer_options = layer_inputs(hessians[rel], options)
                         with _named_solver_logs(names[rel]):
-                            result = _prune_linear(names[rel], i, lin, hessians[rel], ratios[names[rel]], pattern,
-                                                   selector, updater, options, row_allocator, config, compression,
-                                                   terms.get(rel))
+                            result = _prune_linear(names[rel], i, lin, hessian, ratios[names[rel]], pattern,
+                                                   selector, updater, layer_options, row_allocator, config,
+                                                   compression, terms.get(rel))
                         result.hessian_stats = pipe.hessian_stats.get(rel)
                         pm.hook.optima_layer_done(result=result)
                     del hessians, terms
@@ -450,11 +454,14 @@ def _refine(selection, upd, dense, hessian, pattern, options: UpdateOptions, con
 
     from .refine import refine_mask
 
+    damp = upd.stats.get("damp", options.damp)
+    if damp is None or is_auto(damp):  # --damp auto chose the mask alone for this layer: nothing fitted to refine
+        return selection, upd, None
     target = getattr(upd, "target", None)
     target = dense if target is None else target
     ref = refine_mask(config.refine_mask, target, upd.weight, selection.pruned, hessian, pattern=pattern,
                       iterations=config.refine_iters, solver=options.solver,
-                      damp=upd.stats.get("damp", options.damp), tol=options.tol, max_iter=options.max_iter,
+                      damp=damp, tol=options.tol, max_iter=options.max_iter,
                       double_precision=options.double_precision)
     pruned, weight = ref.pruned, ref.weight
     split = options.split

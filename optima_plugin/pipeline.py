@@ -123,11 +123,13 @@ class BlockPipeline:
         self.track_dense = track_dense
         self.dense_inputs: Optional[Tensor] = None  # the dense model's inputs of the current block
         self.kwargs: list = []
+        self.first_window = 0  # global index of this process's first calibration window (torchrun: its share's)
 
     def capture(self, tokens: Tensor) -> Tensor:
         """Block-0 inputs of ``tokens`` (under torchrun: of this rank's share) and every block's call kwargs
         (one dense pass); returns the inputs."""
         if self.dist is not None:
+            self.first_window = self.dist.span(tokens.shape[0]).start
             tokens = self.dist.share(tokens)
         self.inputs, self.kwargs = capture_block_inputs(self.adapter, tokens, device=self.device,
                                                         batch_size=self.batch_size, storage_device=self.storage)
@@ -154,9 +156,12 @@ class BlockPipeline:
         finally:  # also after a failure, so a caller that goes on finds the block where it was
             block.to(self.offload if self.offload is not None else home)
 
-    def _chunks(self, block: nn.Module, index: int, batch: int):
+    def _chunks(self, block: nn.Module, index: int, batch: int, before: Callable[[int, int], None] = lambda s, n: None):
+        """``(start, outputs)`` per forward of ``batch`` windows; ``before(start, count)`` is called ahead of each."""
         for start in range(0, self.inputs.shape[0], batch):
-            yield start, self._run(block, index, self.inputs[start : start + batch])
+            chunk = self.inputs[start : start + batch]
+            before(start, chunk.shape[0])
+            yield start, self._run(block, index, chunk)
 
     def _run(self, block: nn.Module, index: int, chunk: Tensor) -> Tensor:
         chunk = chunk.to(self.device)
@@ -166,7 +171,10 @@ class BlockPipeline:
                    *, outputs: bool = False) -> dict:
         """One pass of block ``index`` over all windows with an accumulator on each module: ``{key: acc}``.
 
-        Out of memory starts the pass over with fresh accumulators and half the batch.
+        Out of memory starts the pass over with fresh accumulators and half the batch. An accumulator
+        with a ``chunk(start, count)`` method is told before each forward which of this process's
+        windows it holds (``start .. start + count - 1``, in order; e.g. the held-out split of
+        :class:`~optima_plugin.damping.HeldOutAccumulator`).
         ``outputs``: the same pass also replaces the inputs by the block's outputs (a dense
         pass whose statistics do not change the block); it cannot start over, so no back-off.
         """
@@ -175,7 +183,13 @@ class BlockPipeline:
             while True:
                 try:
                     with hooked(modules, make) as accs:
-                        for start, out in self._chunks(block, index, batch):
+                        told = [acc.chunk for acc in accs.values() if hasattr(acc, "chunk")]
+
+                        def before(start: int, count: int) -> None:
+                            for chunk in told:
+                                chunk(start, count)
+
+                        for start, out in self._chunks(block, index, batch, before):
                             if outputs:
                                 self.inputs[start : start + batch] = out.to(self.inputs.device, self.inputs.dtype)
                     return accs
@@ -187,12 +201,18 @@ class BlockPipeline:
                     self.oom_backoff.append({"block": index, "pass": "hessian", "batch": batch})
 
     def hessians(self, index: int, block: nn.Module, todo: dict, groups, dtype: torch.dtype,
-                 names: Optional[dict] = None) -> dict:
+                 names: Optional[dict] = None, holdout: Optional[int] = None) -> dict:
         """``{rel: H}``: one streamed Hessian per distinct input of the linears in ``todo``; non-finite ones
         stop the run naming the layer (``names[rel]``). With ``sink``, ``hessian_stats`` becomes ``{rel: the
-        sink figures of its input}`` (summed over the ranks)."""
+        sink figures of its input}`` (summed over the ranks).
+
+        ``holdout``: every ``holdout``-th calibration window (global indices 0, k, 2k, ...) is held out:
+        the values are :class:`~optima_plugin.damping.HeldOutHessian` (fit and held-out Hessians, for
+        ``--damp auto``) instead of tensors."""
         owners = input_owners(todo, groups)
         hooked_on = {rel: todo[rel] for rel in sorted(set(owners.values()))}
+        if holdout is not None:
+            return self._held_out_hessians(index, block, todo, owners, hooked_on, dtype, names or {}, holdout)
         accs = self.statistics(index, block, hooked_on, lambda: HessianAccumulator(dtype, self.sink))
         if self.dist is not None:  # H = Σ n_r H_r / Σ n_r: the same on every rank
             for rel, acc in accs.items():
@@ -257,6 +277,22 @@ class BlockPipeline:
             check_finite(energies[rel].energy, f"{name}: its dense output energy")
             out[rel] = DenseTerms(pair.hessian, pair.cross, energies[rel].energy, pair.tokens)
         return out
+
+    def _held_out_hessians(self, index, block, todo, owners, hooked_on, dtype, names, every) -> dict:
+        """:meth:`hessians` split into fit and held-out windows (each half all-reduced under torchrun)."""
+        from .damping import HeldOutAccumulator
+
+        accs = self.statistics(index, block, hooked_on, lambda: HeldOutAccumulator(dtype, every, self.first_window,
+                                                                                        self.sink))
+        held = {}
+        for rel, acc in accs.items():
+            d = hooked_on[rel].in_features
+            held[rel] = acc.result((d, d), self.dist)
+        for rel in todo:
+            h = held[owners[rel]]
+            check_finite(h.fit, f"{names.get(rel, rel)}: its input Hessian (fit windows)")
+            check_finite(h.val, f"{names.get(rel, rel)}: its input Hessian (held-out windows)")
+        return {rel: held[owners[rel]] for rel in todo}
 
     def propagate(self, index: int, block: nn.Module) -> None:
         """Replace the inputs in place by block ``index``'s outputs (halving the batch on out-of-memory)."""

@@ -269,6 +269,7 @@ def test_a_crashed_dense_objective_run_resumes_bit_identical(tmp_path, tokenizer
     (dict(objective="dense", weight_update="native"), "--objective dense .* --weight_update native"),
     (dict(objective="dense", input_recalc=True), "--objective dense .* --input_recalc"),
     (dict(objective="dense", sink_tokens="exclude"), "--sink_tokens exclude .* --objective dense"),
+    (dict(objective="dense", damp="auto"), "--damp auto .* --objective dense"),
     (dict(objective="output"), "--objective must be one of pruned, dense"),
 ])
 def test_bad_objective_options(options, match):

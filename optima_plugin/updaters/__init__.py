@@ -3,7 +3,8 @@
 * ``none``: mask only, kept weights untouched;
 * ``native``: the selector's own update (SparseGPT, Thanos), mask only otherwise;
 * ``optima``: the exact reconstruction (:func:`optima_plugin.reconstruct`) from the
-  dense weights, for the mask of any selector.
+  dense weights, for the mask of any selector; with ``damp="auto"`` the damp is chosen per
+  layer on held-out calibration windows (:mod:`optima_plugin.damping`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
+from ..damping import is_auto, reconstruct_auto
 from ..selectors.base import Selection
 from ..solvers import reconstruct
 
@@ -39,14 +41,20 @@ class UpdateOptions:
 
     ``split``: under torchrun, the job's :class:`~optima_plugin.distributed.Distributed`: an updater may
     solve its share of the rows and gather them (``optima`` does); every rank must end with the same weights.
+
+    ``damp``: a relative damp, or ``"auto"`` (``--damp auto``): the engine then passes each layer's full
+    ``H`` as the ``hessian`` argument, as always, and its fit and held-out Hessians in ``holdout`` (a
+    :class:`~optima_plugin.damping.HeldOutHessian`), from which ``optima`` chooses the damp. An updater
+    that damps but does not choose may use :func:`~optima_plugin.damping.fixed_damp` (0.01 for ``auto``).
     """
 
     solver: str = "pcg"
-    damp: float = 0.01
+    damp: float | str = 0.01
     tol: Optional[float] = None
     max_iter: Optional[int] = None
     double_precision: bool = False
     split: Any = None
+    holdout: Any = None
 
 
 class NoUpdate:
@@ -75,13 +83,30 @@ class OptimaUpdate:
 
     def update(self, weight: Tensor, selection: Selection, hessian: Optional[Tensor],
                options: UpdateOptions) -> Update:
-        res = reconstruct(weight, selection.pruned, hessian, solver=options.solver, damp=options.damp,
-                          tol=options.tol, max_iter=options.max_iter,
-                          double_precision=options.double_precision, split=options.split)
+        solve = dict(solver=options.solver, tol=options.tol, max_iter=options.max_iter,
+                     double_precision=options.double_precision, split=options.split)
+        choice = None
+        if is_auto(options.damp):
+            if options.holdout is None:
+                raise ValueError("damp='auto' needs the layer's fit and held-out Hessians in UpdateOptions.holdout "
+                                 "(prune_model supplies them); call with a number for damp otherwise")
+            res, choice = reconstruct_auto(weight, selection.pruned, options.holdout, **solve)
+            requested = choice.damp
+        else:
+            res = reconstruct(weight, selection.pruned, hessian, damp=options.damp, **solve)
+            requested = options.damp
         keys = ("solver", "iterations", "converged", "kkt_residual", "seconds", "damp", "fallback",
                 "mask_only_rows", "row_chunk")
         stats = {k: res.stats()[k] for k in keys}
-        stats["damp_escalated"] = res.damp != options.damp
+        stats["damp_escalated"] = requested is not None and res.damp != requested
+        if choice is not None:  # per layer: the choice, every candidate's validation figures, the time factor
+            if choice.damp is None:  # the mask alone won (λ = ∞): no damp to report
+                stats["damp"] = None
+            total = choice.seconds + res.seconds
+            stats["damp_auto"] = dict(choice.stats(), fit_tokens=options.holdout.fit_tokens,
+                                      val_tokens=options.holdout.val_tokens, solve_seconds=res.seconds,
+                                      time_factor=total / res.seconds if res.seconds > 0 else None)
+            stats["seconds"] = total
         return Update(res.weight, stats, objective=res.objective, mask_objective=res.mask_objective)
 
 
