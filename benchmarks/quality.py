@@ -8,6 +8,7 @@ SparseGPT's own update)::
 
     own           the selector alone (wanda: mask only; sparsegpt: its own update)
     optima        the OPTIMA update with the defaults
+    damp_0.1, damp_1  + --damp 0.1 / 1 (more damping: closer to the mask alone)
     damp_auto     + --damp auto (per-layer damping chosen on held-out calibration windows)
     sink          + --sink_tokens exclude (first-position / massive tokens out of H)
     dense         + --objective dense (match the dense model's outputs)
@@ -40,6 +41,8 @@ PATTERNS = {"50%": ("unstructured", 0.5), "70%": ("unstructured", 0.7), "2:4": (
 VARIANTS = {
     "own": {},
     "optima": {"weight_update": "optima"},
+    "damp_0.1": {"weight_update": "optima", "damp": 0.1},
+    "damp_1": {"weight_update": "optima", "damp": 1.0},
     "damp_auto": {"weight_update": "optima", "damp": "auto"},
     "sink": {"weight_update": "optima", "sink_tokens": "exclude"},
     "dense": {"weight_update": "optima", "objective": "dense"},

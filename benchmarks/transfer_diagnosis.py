@@ -4,8 +4,9 @@ Prunes SmolLM2 (``--prune_method`` at ``--sparsity_type``/``--sparsity_ratio``, 
 windows of ``--calibration_dataset``), then runs the pruned model over three token sets with a forward
 hook on every linear, accumulating its input Hessian on each: the calibration windows themselves,
 the held-out end of the calibration text, and the held-out end of the other domain. Per linear it
-re-solves the layer (mask of the run kept) from the calibration Hessian for every ``--damps`` value,
-with and without the tokens of the first position of each window (the "attention sink"), and
+re-solves the layer (mask of the run kept) from the calibration Hessian for every ``--damps`` value
+(``--sinks keep,exclude``: also without the first position of each window, the "attention sink"),
+and with ``H + s·diag(H)`` (``--diag_shrink``: correlations shrunk towards the diagonal), and
 prints, per block and in total, the layer objective of each solution relative to the mask alone
 (``Σ (ŵ-w)ᵀ H (ŵ-w) / Σ (w∘keep-w)ᵀ H (w∘keep-w)``, below 1 = the update helps) measured on each
 token set, plus the share of ``trace H`` held by the first position::
@@ -89,10 +90,14 @@ def main(argv=None) -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval_windows", type=int, default=16, help="held-out windows per domain (16)")
-    ap.add_argument("--damps", default="0.01,0.1,1", help="relative damps to re-solve with (0.01,0.1,1)")
+    ap.add_argument("--damps", default="0.1,1", help="relative damps to re-solve with besides the run's (0.1,1)")
+    ap.add_argument("--sinks", default="keep", help="keep and/or exclude the first position from H (keep)")
+    ap.add_argument("--diag_shrink", default="0.1",
+                    help="also re-solve with H + s·diag(H) (correlations shrunk towards the diagonal) (0.1)")
     ap.add_argument("--json", help="write every per-layer figure here")
     args = ap.parse_args(argv)
-    damps = [float(x) for x in args.damps.split(",")]
+    damps = [float(x) for x in args.damps.split(",") if x]
+    shrinks = [float(x) for x in args.diag_shrink.split(",") if x]
 
     directory, gguf = default_model()
     model, tok = load_model(directory, gguf_file=gguf)
@@ -118,7 +123,7 @@ def main(argv=None) -> None:
         stats[key] = collect(model, linears, windows)
         print(f"statistics on {key} ({windows.shape[0]} windows): {time.perf_counter() - t:.0f} s", flush=True)
 
-    variants = [(sink, damp) for sink in ("keep", "exclude") for damp in damps]
+    variants = [(sink, damp) for sink in args.sinks.split(",") for damp in damps]
     rows = []
     for name, lin in linears.items():
         w = dense[name]
@@ -135,11 +140,15 @@ def main(argv=None) -> None:
         for sink, damp in variants:
             sol = reconstruct(w, pruned, stats["calibration"][name].hessian(sink), solver="pcg", damp=damp).weight
             row[f"{sink}@{damp:g}"] = {key: ratio(sol, key) for key in sets}
+        for shrink in shrinks:
+            h = stats["calibration"][name].hessian("keep")
+            sol = reconstruct(w, pruned, h + shrink * torch.diag(h.diagonal()), solver="pcg", damp=0.01).weight
+            row[f"diag+{shrink:g}"] = {key: ratio(sol, key) for key in sets}
         rows.append(row)
         print(name, json.dumps({k: v for k, v in row.items() if k not in ("name", "block")}), flush=True)
 
     print("\nmean over layers of objective(update) / objective(mask only) (below 1: the update helps)")
-    cols = ["run"] + [f"{s}@{d:g}" for s, d in variants]
+    cols = ["run"] + [f"{s}@{d:g}" for s, d in variants] + [f"diag+{x:g}" for x in shrinks]
     print("| solution | " + " | ".join(sets) + " | layers worse than mask on other |")
     print("|---" * (len(sets) + 2) + "|")
     for c in cols:

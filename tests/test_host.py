@@ -505,7 +505,7 @@ def test_split_argv_removes_plugin_flags_anywhere():
     ([__file__, "--weight_update", "nope"], "unknown --weight_update 'nope'; known: native, none, optima"),
     ([__file__, "--mask_selector", "nope"], "unknown --mask_selector 'nope'"),
     ([__file__, "--solver", "nope"], "known solvers"),
-    ([__file__, "--host_data", "/does/not/exist"], "--host_data /does/not/exist: neither 'pydoc' nor"),
+    ([__file__, "--host_data", "/does/not/exist"], "--host_data /does/not/exist: neither pydoc nor sherlock nor"),
     ([__file__, "--host_data", __file__], "expected a text file (.txt, .json, .jsonl), got .py"),
     ([__file__, "--tol", "0"], "--tol must be a finite number > 0, got 0.0"),
     ([__file__, "--tol=-1e-3"], "--tol must be a finite number > 0"),
@@ -849,3 +849,22 @@ def test_seam_attach_gives_freed_heap_back_after_each_block(monkeypatch):
     n = len(seam.blocks)
     assert n >= 2 and trims == list(range(1, n + 1))  # once per block, right after its fingerprints
     seam.detach()
+
+
+def test_host_data_serves_the_sherlock_text():
+    """``--host_data sherlock``: the book (not Python's docs) behind the hosts' loaders, split 80/20 like pydoc."""
+    import datasets
+
+    from optima_plugin.data import sherlock_text
+
+    calibration, evaluation = split_text("sherlock")
+    assert calibration + evaluation == sherlock_text() and "Sherlock Holmes" in calibration
+    undo = route_hub_datasets("sherlock")
+    try:
+        train = datasets.load_dataset("allenai/c4", "allenai--c4", data_files={"train": "x.json.gz"}, split="train")
+    finally:
+        undo()
+    assert "\n\n".join(train["text"]) == calibration
+    HostOptions(host_data="sherlock").validate()  # a built-in name, no path needed
+    with pytest.raises(ValueError, match="neither pydoc nor sherlock nor an existing file"):
+        HostOptions(host_data="no-such-text").validate()

@@ -1,4 +1,4 @@
-"""Local text in place of the hosts' hub datasets (``optima-host --host_data pydoc|PATH``).
+"""Local text in place of the hosts' hub datasets (``optima-host --host_data pydoc|sherlock|PATH``).
 
 The hosts load their calibration and evaluation data with
 ``datasets.load_dataset('allenai/c4', ..., split='train'|'validation')`` and
@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from ..data import CALIBRATION_SHARE, _local_texts, pydoc_text
+from ..data import BUILTIN_TEXTS, CALIBRATION_SHARE, _local_texts
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,15 @@ EVALUATION_SPLITS = ("validation", "test")
 
 
 def split_text(source: str) -> tuple[str, str]:
-    """``(calibration, evaluation)`` text of ``source`` (``pydoc`` or a local .txt/.jsonl file or folder)."""
-    if source == "pydoc":
-        text = pydoc_text()
+    """``(calibration, evaluation)`` text of ``source`` (a built-in text, ``pydoc`` or ``sherlock``, or a local
+    .txt/.jsonl file or folder)."""
+    if source in BUILTIN_TEXTS:
+        text = BUILTIN_TEXTS[source]()
     else:
         path = Path(source)
         if not path.exists():
-            raise FileNotFoundError(f"--host_data {source}: neither 'pydoc' nor an existing file or folder")
+            raise FileNotFoundError(f"--host_data {source}: neither {' nor '.join(BUILTIN_TEXTS)} nor an existing "
+                                    "file or folder")
         text = "\n\n".join(_local_texts(path))
     cut = int(CALIBRATION_SHARE * len(text))
     while cut < len(text) and not text[cut].isspace():

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..data import BUILTIN_TEXTS
 from ..files import check_output_file
 from ..models import get_adapter
 from ..plugins import collect_options, get_plugin_manager, registry
@@ -49,7 +50,7 @@ class HostOptions:
             keep the host's own weights).
         solver, damp, tol, max_iter, double_precision: OPTIMA solver settings.
         mask_selector: a registered selector replacing the host's masks, at the host's per-row counts.
-        host_data: ``pydoc`` or a local text path for the host's C4 / WikiText-2 loaders.
+        host_data: ``pydoc``, ``sherlock`` or a local text path for the host's C4 / WikiText-2 loaders.
         host_seqlen: pin ``model.seqlen`` (the host's window length) to this.
         host_dtype: load the model in this dtype instead of the host's.
         no_shim: names of compatibility shims to leave off (see :mod:`optima_plugin.host.shims`).
@@ -108,7 +109,7 @@ class HostOptions:
         unknown = sorted(set(self.no_shim) - set(SHIMS))
         if unknown:
             raise ValueError(f"unknown --no_shim {', '.join(unknown)}; known: {', '.join(SHIMS)}")
-        if self.host_data not in (None, "pydoc"):
+        if self.host_data is not None and self.host_data not in BUILTIN_TEXTS:
             _check_host_data(Path(self.host_data))
         if self.host_dtype is not None and self.host_dtype not in DTYPES:
             raise ValueError(f"--host_dtype must be one of {', '.join(DTYPES)}, got {self.host_dtype!r}")
@@ -144,7 +145,7 @@ def _check_host_data(path: Path) -> None:
     """``ValueError`` unless ``path`` is a text file, or a folder holding one (suffixes only: cheap)."""
     flag = f"--host_data {path}"
     if not path.exists():
-        raise ValueError(f"{flag}: neither 'pydoc' nor an existing file or folder")
+        raise ValueError(f"{flag}: neither {' nor '.join(BUILTIN_TEXTS)} nor an existing file or folder")
     wanted = ", ".join(TEXT_SUFFIXES)
     if path.is_dir():
         if not any(p.is_file() and p.suffix in TEXT_SUFFIXES for p in path.rglob("*")):

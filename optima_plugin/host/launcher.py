@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--double_precision", action="store_true", help="Hessians and solves in float64")
     a("--mask_selector", help="a registered mask selector (built-in or an installed plugin's) that replaces the "
       "host's masks, keeping the host's number of pruned weights per row")
-    a("--host_data", metavar="pydoc|PATH", help="serve the host's C4 / WikiText-2 loaders from local text: "
+    a("--host_data", metavar="pydoc|sherlock|PATH", help="serve the host's C4 / WikiText-2 loaders from local text: "
       "calibration from the first 80%%, evaluation from the last 20%%")
     a("--host_seqlen", type=int, help="pin the host's model.seqlen (its window length) to this")
     a("--host_dtype", choices=sorted(DTYPES), help="load the model in this dtype instead of the host's")
