@@ -10,6 +10,7 @@ SparseGPT's own update)::
     optima        the OPTIMA update with the defaults
     damp_0.1, damp_1  + --damp 0.1 / 1 (more damping: closer to the mask alone)
     damp_auto     + --damp auto (per-layer damping chosen on held-out calibration windows)
+    shrink_0.1, shrink_0.3  + --hessian_shrink 0.1 / 0.3 (input correlations of H scaled by 0.9 / 0.7)
     sink          + --sink_tokens exclude (first-position / massive tokens out of H)
     dense         + --objective dense (match the dense model's outputs)
     swap, admm    + --refine_mask swap / admm (change the mask, pattern and sparsity kept)
@@ -44,6 +45,8 @@ VARIANTS = {
     "damp_0.1": {"weight_update": "optima", "damp": 0.1},
     "damp_1": {"weight_update": "optima", "damp": 1.0},
     "damp_auto": {"weight_update": "optima", "damp": "auto"},
+    "shrink_0.1": {"weight_update": "optima", "hessian_shrink": 0.1},
+    "shrink_0.3": {"weight_update": "optima", "hessian_shrink": 0.3},
     "sink": {"weight_update": "optima", "sink_tokens": "exclude"},
     "dense": {"weight_update": "optima", "objective": "dense"},
     "swap": {"weight_update": "optima", "refine_mask": "swap"},

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sink_positions", type=int, default=d.sink_positions, help="leading positions of each window taken as sinks")
     a("--sink_factor", type=float, default=d.sink_factor,
       help="a token is a sink when its squared norm exceeds this many times its window's median")
+    a("--hessian_shrink", type=float, default=d.hessian_shrink,
+      help="scale the correlations between inputs (the off-diagonal of H) by 1 - this before selection, update "
+      "and compression: trusts the calibration text's input correlations less (0 = off)")
     a("--skip_attention", action="store_true", help="prune MLP linears only")
     a("--double_precision", action="store_true", help="solve in float64")
     a("--damp", type=_damp, default=d.damp,
@@ -298,6 +301,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
             nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
             calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
             sink_tokens=args.sink_tokens, sink_positions=args.sink_positions, sink_factor=args.sink_factor,
+            hessian_shrink=args.hessian_shrink,
             skip_attention=args.skip_attention, double_precision=args.double_precision,
             damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
             refine_mask=args.refine_mask, refine_iters=args.refine_iters,

@@ -50,6 +50,7 @@ class PruneConfig:
     sink_tokens: str = "keep"  # attention-sink tokens in the Hessians: keep, exclude or cap (optima_plugin.hessian)
     sink_positions: int = 1
     sink_factor: float = 100.0
+    hessian_shrink: float = 0.0  # off-diagonal of H (and G) scaled by 1 - this (optima_plugin.hessian.shrink_to_diagonal)
     skip_attention: bool = False
     double_precision: bool = False
     damp: float | str = 0.01  # or "auto": chosen per layer on held-out windows (optima_plugin.damping)
@@ -131,6 +132,12 @@ class PruneConfig:
 
         check_sink_options(self.sink_tokens, self.sink_positions, self.sink_factor, self.seqlen)
         self._validate_refine()
+        if not (isinstance(self.hessian_shrink, (int, float)) and 0.0 <= self.hessian_shrink < 1.0):
+            raise ValueError(f"--hessian_shrink must be a number in [0, 1) (the share of the correlations between "
+                             f"inputs taken out of H), got {self.hessian_shrink!r}")
+        if self.hessian_shrink and isinstance(self.damp, str):
+            raise ValueError(f"--hessian_shrink {self.hessian_shrink} with --damp {self.damp}: the damp is chosen on "
+                             "unshrunk held-out Hessians; give --damp a number with --hessian_shrink, or drop one")
         self._validate_allocation()
         self._validate_names()
         self._validate_objective()

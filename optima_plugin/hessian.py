@@ -142,3 +142,18 @@ class HessianAccumulator:
     def hook(self, module: nn.Module, inputs: tuple, output) -> None:
         """``register_forward_hook`` callback: accumulate the module's first input."""
         self.add(inputs[0])
+
+
+def shrink_to_diagonal(matrix: Tensor, alpha: float) -> Tensor:
+    """``(1 - alpha) · M + alpha · diag(M)``: a ``d x d`` statistic's off-diagonal part scaled by ``1 - alpha``.
+
+    ``--hessian_shrink``: covariance shrinkage towards the diagonal (Ledoit-Wolf style). The diagonal
+    (each input's energy, what Wanda's score reads) is kept; the correlations between inputs, the part of
+    ``H`` that differs most from one kind of text to another, are trusted less. ``alpha = 0`` returns
+    ``matrix`` itself. Applied to the Hessian and (``--objective dense``) to the cross term alike.
+    """
+    if alpha == 0:
+        return matrix
+    out = matrix * (1.0 - alpha)
+    out.diagonal().copy_(matrix.diagonal())
+    return out
