@@ -22,6 +22,7 @@ hooks (see :mod:`optima_plugin.hookspecs`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -268,17 +269,20 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                         for rel, lin in todo.items():
                             check_finite(lin.weight.detach(), f"{names[rel]}: its weights")
                     groups = input_groups(block)
-                    if pipe.track_dense:  # --objective dense: H, G and ‖wX_d‖² per linear; the dense inputs advance
-                        terms = pipe.dense_statistics(i, block, todo, groups, hdtype, names)
-                        hessians = {rel: t.hessian for rel, t in terms.items()}
-                    else:
-                        terms = {}
-                        hessians = {} if config.input_recalc else pipe.hessians(i, block, todo, groups, hdtype,
-                                                                                names, holdout)
+                    terms, hessians = {}, {}
+                    # --objective dense: each input group's H, G and ‖wX_d‖² after the groups before it are pruned,
+                    # against a dense copy of the block (which then advances the dense inputs)
+                    dense_block = copy.deepcopy(block) if pipe.track_dense else None
+                    if dense_block is None and not config.input_recalc:
+                        hessians = pipe.hessians(i, block, todo, groups, hdtype, names, holdout)
                     for rel, lin in todo.items():
-                        if rel not in hessians:  # --input_recalc: this input group's Hessian, after those before it
+                        if rel not in hessians:  # this input group's statistics, after those before it
                             group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
-                            hessians = pipe.hessians(i, block, group, groups, hdtype, names, holdout)
+                            if dense_block is not None:
+                                terms = pipe.dense_statistics(i, block, dense_block, group, groups, hdtype, names)
+                                hessians = {r: t.hessian for r, t in terms.items()}
+                            else:
+                                hessians = pipe.hessians(i, block, group, groups, hdtype, names, holdout)
                         hessian, layer_options = layer_inputs(hessians[rel], options)
                         hessian = shrink_to_diagonal(hessian, config.hessian_shrink)
                         if rel in terms and config.hessian_shrink:
@@ -291,6 +295,10 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                         result.hessian_stats = pipe.hessian_stats.get(rel)
                         pm.hook.optima_layer_done(result=result)
                     del hessians, terms
+                    if dense_block is not None:
+                        pipe.propagate(i, dense_block, dense=True)
+                        check_finite(pipe.dense_inputs, f"the dense model's outputs of block {i}")
+                        del dense_block
                     pipe.propagate(i, block)
                     check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
                     if stream is not None and (dist is None or dist.is_main()):

@@ -48,13 +48,18 @@ def check_finite(tensor: Tensor, what: str) -> None:
 
 
 @contextmanager
-def hooked(modules: dict, make: Callable[[], object]) -> Iterator[dict]:
-    """One accumulator ``make()`` per module (its ``hook`` a forward hook), removed on exit: ``{key: acc}``."""
+def hooked(modules: dict, make: Callable[[], object], twins: Optional[dict] = None) -> Iterator[dict]:
+    """One accumulator ``make()`` per module (its ``hook`` a forward hook), removed on exit: ``{key: acc}``.
+
+    ``twins``: ``{key: another module}`` whose forward calls the same accumulator's hook too (the dense
+    copy of a block under ``--objective dense``)."""
     accs, handles = {}, []
     try:
         for key, module in modules.items():
             accs[key] = make()
             handles.append(module.register_forward_hook(accs[key].hook))
+            if twins is not None:
+                handles.append(twins[key].register_forward_hook(accs[key].hook))
         yield accs
     finally:
         for h in handles:
@@ -229,41 +234,40 @@ class BlockPipeline:
             check_finite(accs[owners[rel]].hessian, f"{(names or {}).get(rel, rel)}: its input Hessian")
         return {rel: accs[owners[rel]].hessian for rel in todo}
 
-    def dense_statistics(self, index: int, block: nn.Module, todo: dict, groups, dtype: torch.dtype,
-                         names: Optional[dict] = None) -> dict[str, DenseTerms]:
-        """``{rel: DenseTerms}`` of the linears in ``todo`` (``--objective dense``), and the dense inputs advanced.
+    def dense_statistics(self, index: int, block: nn.Module, dense_block: nn.Module, todo: dict, groups,
+                         dtype: torch.dtype, names: Optional[dict] = None) -> dict[str, DenseTerms]:
+        """``{rel: DenseTerms}`` of the linears in ``todo`` (``--objective dense``).
 
-        Block ``index`` must still be dense. Per chunk of windows it runs on the dense inputs (hooks keep
-        each linear's ``x_d`` and its output energy; the outputs become the next ``dense_inputs``), then
-        on the pruned-path inputs of the same windows (hooks pair ``x_p`` with ``x_d``: ``H`` and ``G``).
-        One accumulator per distinct input for ``H``/``G``; under torchrun all are all-reduced
-        token-weighted. Out of memory starts over with half the batch; non-finite terms name the layer.
+        ``dense_block``: a dense copy of block ``index``; ``block`` may be partly pruned already (the linears
+        of earlier input groups): each linear's ``x_p`` must be what it sees once the linears before it are
+        pruned, or a later linear corrects again an error an earlier one has corrected already. Per chunk of
+        windows ``dense_block`` runs on the dense inputs (hooks keep each linear's ``x_d`` and its output
+        energy), then ``block`` on the pruned-path inputs of the same windows (hooks pair ``x_p`` with
+        ``x_d``: ``H`` and ``G``). Under torchrun all are all-reduced token-weighted. Out of memory starts over
+        with half the batch; non-finite terms name the layer. The dense inputs advance in :meth:`propagate`.
         """
         if self.dense_inputs is None:
             raise RuntimeError("dense_statistics needs a pipeline built with track_dense=True and captured")
         owners = input_owners(todo, groups)
         hooked_on = {rel: todo[rel] for rel in sorted(set(owners.values()))}
+        twins = {rel: dense_block.get_submodule(_path(block, lin)) for rel, lin in todo.items()}
         batch = self.batch_size
         with torch.no_grad():
             while True:
                 phase = Phase()
-                nxt = torch.empty_like(self.dense_inputs)
                 try:
-                    with hooked(hooked_on, lambda: CrossAccumulator(dtype, phase)) as pairs, \
-                            hooked(todo, lambda: OutputEnergy(dtype, phase)) as energies:
+                    with hooked(hooked_on, lambda: CrossAccumulator(dtype, phase), twins) as pairs, \
+                            hooked({rel: twins[rel] for rel in todo}, lambda: OutputEnergy(dtype, phase)) as energies:
                         for start in range(0, self.inputs.shape[0], batch):
                             phase.dense = True
-                            out = self._run(block, index, self.dense_inputs[start : start + batch])
-                            nxt[start : start + batch] = out.to(nxt.device, nxt.dtype)
+                            self._run(dense_block, index, self.dense_inputs[start : start + batch])
                             phase.dense = False
                             self._run(block, index, self.inputs[start : start + batch])
                     break
                 except torch.OutOfMemoryError:
-                    pairs = energies = nxt = None
+                    pairs = energies = None
                     batch = halve(batch, f"the dense-objective statistics pass of block {index}", self.device)
                     self.oom_backoff.append({"block": index, "pass": "dense_statistics", "batch": batch})
-        self.dense_inputs = nxt
-        check_finite(nxt, f"the dense model's outputs of block {index}")
         if self.dist is not None:
             for rel, acc in pairs.items():
                 acc.all_reduce(self.dist, hooked_on[rel].in_features)
@@ -294,9 +298,10 @@ class BlockPipeline:
             check_finite(h.val, f"{names.get(rel, rel)}: its input Hessian (held-out windows)")
         return {rel: held[owners[rel]] for rel in todo}
 
-    def propagate(self, index: int, block: nn.Module) -> None:
-        """Replace the inputs in place by block ``index``'s outputs (halving the batch on out-of-memory)."""
-        inputs, kwargs = self.inputs, self.kwargs[index]
+    def propagate(self, index: int, block: nn.Module, *, dense: bool = False) -> None:
+        """Replace the inputs in place by block ``index``'s outputs (halving the batch on out-of-memory);
+        ``dense``: the dense model's inputs (``--objective dense``; ``block`` is then the dense copy)."""
+        inputs, kwargs = (self.dense_inputs if dense else self.inputs), self.kwargs[index]
         start, batch = 0, self.batch_size
         with torch.no_grad():
             while start < inputs.shape[0]:
@@ -309,3 +314,8 @@ class BlockPipeline:
                     continue
                 inputs[start : start + batch] = out.to(inputs.device, inputs.dtype)
                 start += batch
+
+
+def _path(block: nn.Module, module: nn.Module) -> str:
+    """The dotted name of ``module`` inside ``block``."""
+    return next(name for name, m in block.named_modules() if m is module)
