@@ -15,7 +15,7 @@ SparseGPT's own update)::
     dense         + --objective dense (match the dense model's outputs)
     swap, admm    + --refine_mask swap / admm (change the mask, pattern and sparsity kept)
     mix           + calibration on both texts (--calibration_dataset pydoc,sherlock)
-    all           damp_auto + dense + swap
+    all           shrink_0.3 + admm (the two that helped, on one domain each)
 
 Rows are appended to ``--json`` as they finish; a run given the same ``--json`` again skips the rows
 it holds (long runs can be split or resumed). Calibration: ``--nsamples`` x ``--seqlen`` windows
@@ -52,7 +52,7 @@ VARIANTS = {
     "swap": {"weight_update": "optima", "refine_mask": "swap"},
     "admm": {"weight_update": "optima", "refine_mask": "admm"},
     "mix": {"weight_update": "optima", "calibration_dataset": "{calibration},{other}"},
-    "all": {"weight_update": "optima", "damp": "auto", "objective": "dense", "refine_mask": "swap"},
+    "all": {"weight_update": "optima", "hessian_shrink": 0.3, "refine_mask": "admm"},
 }
 TEXTS = ("pydoc", "sherlock")
 
