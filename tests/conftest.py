@@ -26,6 +26,18 @@ def activation_hessian(d: int, *, tokens: int = 4096, dead: int = 2, seed: int =
     return x.T @ x / tokens
 
 
+def one_window_at_a_time(run_block):
+    """``run_block`` that raises ``torch.OutOfMemoryError`` for more than one window per forward (to inject
+    the out-of-memory back-off of :mod:`optima_plugin.pipeline`)."""
+
+    def small_device(block, hidden, kwargs):
+        if hidden.shape[0] > 1:
+            raise torch.OutOfMemoryError("injected")
+        return run_block(block, hidden, kwargs)
+
+    return small_device
+
+
 def random_weight(r: int, d: int, *, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(r, d, generator=g) / d**0.5

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import one_window_at_a_time
 
 from optima_plugin import hookimpl, pipeline, prune
 from optima_plugin.config import PruneConfig
@@ -153,10 +154,7 @@ def test_dense_statistics_restart_after_out_of_memory_and_the_dense_copy_advance
     pipe.inputs += 0.1 * torch.randn_like(pipe.inputs)  # a pruned path that differs
     real = pipeline.run_block
 
-    def small_device(block, hidden, kwargs):
-        if hidden.shape[0] > 1:
-            raise torch.OutOfMemoryError("injected")
-        return real(block, hidden, kwargs)
+    small_device = one_window_at_a_time(real)
 
     with pipe.onloaded(0) as block:
         todo = block_linears(block)

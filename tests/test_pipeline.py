@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import one_window_at_a_time
 
 from optima_plugin import pipeline
 from optima_plugin.data import get_calibration
@@ -42,10 +43,7 @@ def test_hessians_count_every_token_once_after_an_out_of_memory_restart(tokens, 
     pipe = _pipe(model, tokens)
     real = pipeline.run_block
 
-    def small_device(block, hidden, kwargs):
-        if hidden.shape[0] > 1:
-            raise torch.OutOfMemoryError("injected")
-        return real(block, hidden, kwargs)
+    small_device = one_window_at_a_time(real)
 
     with pipe.onloaded(0) as block:
         todo = block_linears(block)
