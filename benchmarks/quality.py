@@ -40,18 +40,18 @@ from optima_plugin.loading import default_model, load_model
 
 PATTERNS = {"50%": ("unstructured", 0.5), "70%": ("unstructured", 0.7), "2:4": ("2:4", 0.5)}
 VARIANTS = {
-    "own": {},
-    "optima": {"weight_update": "optima"},
-    "damp_0.1": {"weight_update": "optima", "damp": 0.1},
-    "damp_1": {"weight_update": "optima", "damp": 1.0},
-    "damp_auto": {"weight_update": "optima", "damp": "auto"},
+    "own": {"hessian_shrink": 0.0},
+    "optima": {"weight_update": "optima", "hessian_shrink": 0.0},
+    "damp_0.1": {"weight_update": "optima", "hessian_shrink": 0.0, "damp": 0.1},
+    "damp_1": {"weight_update": "optima", "hessian_shrink": 0.0, "damp": 1.0},
+    "damp_auto": {"weight_update": "optima", "hessian_shrink": 0.0, "damp": "auto"},
     "shrink_0.1": {"weight_update": "optima", "hessian_shrink": 0.1},
     "shrink_0.3": {"weight_update": "optima", "hessian_shrink": 0.3},
-    "sink": {"weight_update": "optima", "sink_tokens": "exclude"},
-    "dense": {"weight_update": "optima", "objective": "dense"},
-    "swap": {"weight_update": "optima", "refine_mask": "swap"},
-    "admm": {"weight_update": "optima", "refine_mask": "admm"},
-    "mix": {"weight_update": "optima", "calibration_dataset": "{calibration},{other}"},
+    "sink": {"weight_update": "optima", "hessian_shrink": 0.0, "sink_tokens": "exclude"},
+    "dense": {"weight_update": "optima", "hessian_shrink": 0.0, "objective": "dense"},
+    "swap": {"weight_update": "optima", "hessian_shrink": 0.0, "refine_mask": "swap"},
+    "admm": {"weight_update": "optima", "hessian_shrink": 0.0, "refine_mask": "admm"},
+    "mix": {"weight_update": "optima", "hessian_shrink": 0.0, "calibration_dataset": "{calibration},{other}"},
     "all": {"weight_update": "optima", "hessian_shrink": 0.3, "refine_mask": "admm"},
 }
 TEXTS = ("pydoc", "sherlock")
