@@ -127,12 +127,12 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
                 log.error("the pruned model is kept in %s: run the same command again to evaluate and save it "
                           "without pruning again", config.checkpoint_dir)
             raise
+    if job is not None:
+        job.wait_for_main()  # the other ranks may exit now (they are done with the checkpoint)
     if config.checkpoint_dir and config.checkpoint_is_default:
         Checkpoint(config.checkpoint_dir, {}).remove()
     elif config.checkpoint_dir:
         log.info("checkpoint kept in %s (the same command reuses it; delete it when done)", config.checkpoint_dir)
-    if job is not None:
-        job.wait_for_main()  # the other ranks may exit now
     return report
 
 

@@ -339,9 +339,12 @@ def _main(argv: list, rank: Optional[int]) -> int:
         print(f"optima-prune: {where}error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
-        print(f"optima-prune: {where}{e}", file=sys.stderr)
+        if not rank:  # under torchrun every rank stopped after the same block: rank 0 says so
+            print(f"optima-prune: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
+        if rank:  # under torchrun rank 0 says it
+            return 130
         if config is not None and config.checkpoint_dir and Path(config.checkpoint_dir, "state.json").exists():
             print(f"optima-prune: interrupted; the finished blocks are in {config.checkpoint_dir}: run the same "
                   "command again to resume", file=sys.stderr)

@@ -175,14 +175,12 @@ class Distributed:
 
 
 def check_options(options: dict, job: Distributed) -> None:
-    """Refuse what a torchrun prune does not support, before any work; turn off the default checkpoint.
+    """Refuse what a torchrun prune does not support, before any work.
 
-    ``options``: :func:`optima_plugin.api.prune`'s keyword options (changed in place).
+    ``options``: :func:`optima_plugin.api.prune`'s keyword options. A checkpoint (``--checkpoint_dir``, or the
+    default one beside ``--save_model``) works as in one process: each rank saves its share of the inputs
+    (:mod:`optima_plugin.checkpoint`), and a job resumes with the same number of ranks only.
     """
-    if options.get("checkpoint_dir"):
-        raise ValueError("--checkpoint_dir is not supported under torchrun (each rank holds only its share of "
-                         "the block inputs, so a checkpoint cannot resume the job); drop it, or run one process")
-    options["checkpoint"] = False  # no default checkpoint beside --save_model either: a stopped job starts over
     nsamples = options.get("nsamples")
     if nsamples is None:
         from .config import PruneConfig

@@ -195,7 +195,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         pattern.check_columns(lin.in_features, name)
     if hasattr(selector, "prepare"):  # e.g. ``file``: its masks matched to the linears before any calibration
         selector.prepare(config, linears, blocks_path(adapter))
-    checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), model)) \
+    checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), model), dist) \
         if config.checkpoint_dir else None
     resume = checkpoint.load() if checkpoint else None
     start = resume.next_block if resume else 0
@@ -241,6 +241,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                              sink=SinkTokens.from_config(config))
         inputs = pipe.capture(tokens)
         if resume and start < num_blocks:
+            checkpoint.check_inputs(start)  # under torchrun: every rank's share, or an error on every rank
             pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
             if pipe.track_dense:
                 pipe.dense_inputs = checkpoint.dense_inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
@@ -311,7 +312,10 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                                     block_seconds=observers[1].block_seconds + [seconds], oom_backoff=oom_backoff,
                                     next_dense=pipe.dense_inputs if i + 1 < num_blocks else None)
                 pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
-                if stop.requested and i + 1 < num_blocks:
+                requested = stop.requested
+                if dist is not None and checkpoint is not None:  # the ranks stop after the same block
+                    requested = bool(dist.max_int(int(requested)))
+                if requested and i + 1 < num_blocks:
                     raise RunInterrupted(f"interrupted after block {i} of {num_blocks}: blocks 0..{i} are saved in "
                                          f"{config.checkpoint_dir}; run the same command again to resume")
         report = {
@@ -339,7 +343,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         pm.hook.optima_run_done(report=report)
         return report
     except Exception:
-        if checkpoint is not None and (checkpoint.dir / "state.json").exists():
+        if checkpoint is not None and (checkpoint.dir / "state.json").exists() and (dist is None or dist.is_main()):
             log.error("the finished blocks are saved in %s; fix the problem and run the same command to resume",
                       config.checkpoint_dir)
         raise

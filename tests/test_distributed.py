@@ -166,13 +166,203 @@ def test_a_failing_rank_takes_the_job_down_naming_itself(tmp_path, tiny_dir):
 
 def test_options_a_job_cannot_honour_are_refused_before_any_work():
     job = distributed.Distributed(0, 4, 0, torch.device("cpu"), "gloo")
-    with pytest.raises(ValueError, match="--checkpoint_dir is not supported under torchrun"):
-        distributed.check_options({"checkpoint_dir": "ck"}, job)
     with pytest.raises(ValueError, match="--nsamples 3 is fewer than the 4 ranks"):
         distributed.check_options({"nsamples": 3}, job)
-    options = {"save_model": "out"}
-    distributed.check_options(options, job)
-    assert options["checkpoint"] is False  # no default checkpoint beside --save_model
+    options = {"save_model": "out", "checkpoint_dir": "ck"}
+    distributed.check_options(options, job)  # a checkpoint works under torchrun (see the tests below)
+    assert options == {"save_model": "out", "checkpoint_dir": "ck"}
+
+
+# -- checkpoints under torchrun -------------------------------------------------------------------------------
+
+
+class _Ranks:
+    """What :class:`~optima_plugin.checkpoint.Checkpoint` uses of a job, without a process group: the
+    collectives are those of a job whose other ranks hold the same (this test plays each rank in turn)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wait_for_main(self) -> None:
+        pass
+
+    def all_true(self, value: bool) -> bool:
+        return bool(value)
+
+    def gather_object(self, obj):
+        return [obj] * self.world_size
+
+
+def test_each_rank_checkpoints_its_share_and_rank_0_the_rest(tmp_path):
+    from optima_plugin.checkpoint import STATE, Checkpoint, check_checkpoint_dir, check_world_size
+
+    folder = tmp_path / "ck"
+    block = torch.nn.Linear(3, 2)
+    ranks = [Checkpoint(str(folder), {"x": 1}, _Ranks(r, 2)) for r in range(2)]
+    state = dict(num_blocks=3, ratios={}, layers=[], block_seconds=[1.0], oom_backoff=[])
+    ranks[1].save(0, block, torch.full((3, 4, 5), 1.0), **state)
+    assert sorted(f.name for f in folder.iterdir()) == ["inputs_00001.rank001-of-002.safetensors"]  # no state
+    ranks[0].save(0, block, torch.full((2, 4, 5), 0.0), **state)
+    assert sorted(f.name for f in folder.iterdir()) == [
+        "block_00000.safetensors", "inputs_00001.rank000-of-002.safetensors",
+        "inputs_00001.rank001-of-002.safetensors", STATE]
+    assert json.loads((folder / STATE).read_text())["world_size"] == 2
+    for r, ck in enumerate(ranks):
+        assert ck.load().next_block == 1
+        ck.check_inputs(1)
+        assert ck.inputs(1).shape[0] == 2 + r  # its own share
+    # the world size is the run's identity: one process (or 3) may not resume it, before any work
+    for world_size in (1, 3):
+        with pytest.raises(ValueError, match=rf"world size 2\).*world size {world_size}\).*--nproc_per_node/--nnodes "
+                                             r"\(world size 2\), or use another --checkpoint_dir"):
+            check_world_size(str(folder), world_size)
+    with pytest.raises(ValueError, match="--nproc_per_node"):
+        check_checkpoint_dir(str(folder))  # this test's process: a single one
+    with pytest.raises(ValueError, match="--nproc_per_node"):
+        Checkpoint(str(folder), {"x": 1}).load()
+    blind = _Ranks(0, 2)
+    blind.gather_object = lambda obj: [obj, None]  # rank 1 sees no checkpoint (a folder not shared)
+    with pytest.raises(ValueError, match=r"the ranks see different checkpoints .*\[1, None\].*every rank sees"):
+        Checkpoint(str(folder), {"x": 1}, blind).load()
+    (folder / "inputs_00001.rank001-of-002.safetensors").unlink()
+    with pytest.raises(ValueError, match="lacks rank 1's inputs_00001.rank001-of-002.safetensors.*every rank sees"):
+        ranks[1].check_inputs(1)
+    ranks[0].save(1, block, torch.zeros(2, 4, 5), **state)  # its inputs of block 1 go once state.json names block 2
+    assert not (folder / "inputs_00001.rank000-of-002.safetensors").exists()
+    (folder / "inputs_00002.rank001-of-002.safetensors").write_bytes(b"")
+    ranks[0].remove()
+    assert not folder.exists()  # every rank's inputs are files this tool writes
+    single = Checkpoint(str(folder), {"x": 1})
+    assert single._inputs(3).name == "inputs_00003.safetensors"  # one process: the names as before
+    single.save(0, block, torch.zeros(2, 4, 5), **state)
+    check_world_size(str(folder), 1)
+    assert sorted(f.name for f in folder.iterdir()) == ["block_00000.safetensors", "inputs_00001.safetensors", STATE]
+
+
+RESUMABLE = """
+import json, os, signal, sys, torch
+from optima_plugin import hookimpl
+from optima_plugin.api import prune
+from optima_plugin.checkpoint import RunInterrupted
+from optima_plugin.plugins import get_plugin_manager
+from optima_plugin.testing import tiny_model, tiny_tokenizer
+
+runs, out = json.loads(sys.argv[1]), sys.argv[2]
+
+
+class CtrlC:
+    \"\"\"Ctrl-C on one rank only once block ``after`` is done (the other rank never sees it).\"\"\"
+
+    def __init__(self, rank, after):
+        self.rank, self.after = rank, after
+
+    @hookimpl
+    def optima_block_done(self, index, num_blocks, seconds):
+        if index == self.after and torch.distributed.get_rank() == self.rank:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+for name, run in runs.items():
+    plugin = CtrlC(*run["ctrl_c"]) if run.get("ctrl_c") else None
+    if plugin is not None:
+        get_plugin_manager().register(plugin)
+    model = tiny_model("llama")
+    try:
+        report = prune(model, tiny_tokenizer(), progress=False, **run["options"])
+    except RunInterrupted as e:
+        report = {"interrupted": str(e)}
+    finally:
+        if plugin is not None:
+            get_plugin_manager().unregister(plugin)
+    rank = torch.distributed.get_rank()
+    torch.save({"state": model.state_dict(), "report": report}, f"{out}/{name}.rank{rank}.pt")
+"""
+
+
+@pytest.mark.slow  # about a minute: two 2-rank jobs
+def test_two_ranks_interrupted_then_resumed_are_bit_identical(tmp_path, tiny_dir):
+    from optima_plugin.checkpoint import STATE
+
+    options = dict(COMMON, prune_method="wanda", sparsity_ratio=0.6, allocation="owl", weight_update="optima",
+                   objective="dense")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    script = tmp_path / "resumable.py"
+    script.write_text(RESUMABLE)
+    runs = {"whole": {"options": dict(options, checkpoint_dir=str(whole))},
+            "first": {"options": dict(options, checkpoint_dir=str(stopped)), "ctrl_c": [1, 0]}}
+    proc = torchrun(script, [json.dumps(runs), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(2):  # Ctrl-C on rank 1 alone: both ranks stopped after block 0
+        first = torch.load(tmp_path / f"first.rank{rank}.pt", weights_only=False)["report"]
+        assert "interrupted after block 0 of 3" in first["interrupted"], first
+    state = json.loads((stopped / STATE).read_text())
+    assert state["next_block"] == 1 and state["world_size"] == 2
+    assert sorted(f.name for f in stopped.iterdir()) == [
+        "block_00000.safetensors", "inputs_00001.rank000-of-002.safetensors",
+        "inputs_00001.rank001-of-002.safetensors", STATE]
+    assert sorted(f.name for f in whole.iterdir()) == [f"block_{i:05d}.safetensors" for i in range(3)] + [STATE]
+
+    # another number of processes may not resume it: refused before any work, naming both world sizes
+    with pytest.raises(ValueError, match=r"world size 2\).*world size 1\).*--nproc_per_node/--nnodes"):
+        prune(tiny_model("llama"), tiny_tokenizer(), progress=False, checkpoint_dir=str(stopped), **options)
+    assert json.loads((stopped / STATE).read_text()) == state
+
+    runs = {"resumed": {"options": dict(options, checkpoint_dir=str(stopped))}}
+    proc = torchrun(script, [json.dumps(runs), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want = torch.load(tmp_path / "whole.rank0.pt", weights_only=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"resumed.rank{rank}.pt", weights_only=False)
+        assert got["report"]["resumed_from_block"] == 1 and len(got["report"]["layers"]) == 21
+        assert [x["name"] for x in got["report"]["layers"]] == [x["name"] for x in want["report"]["layers"]]
+        assert want["state"].keys() == got["state"].keys()
+        for key, w in want["state"].items():
+            assert torch.equal(w, got["state"][key]), f"rank {rank}: {key} differs from the uninterrupted run's"
+    assert not any(f.name.startswith("inputs_") for f in stopped.iterdir())
+
+
+@pytest.mark.slow  # about a minute: two 2-rank jobs
+def test_cli_default_checkpoint_under_torchrun_is_refused_by_one_process(tmp_path, tiny_dir):
+    """The default checkpoint beside --save_model, written by two ranks (Ctrl-C after block 1 on rank 0),
+    is refused by one process before the model is loaded; the two ranks resume it and remove it."""
+    from optima_plugin import cli
+
+    script = tmp_path / "cli.py"
+    script.write_text(CTRL_C_CLI)
+    argv = ["--model", str(tiny_dir), "--nsamples", "4", "--seqlen", "32", "--save_model", str(tmp_path / "out"),
+            "--quiet"]
+    proc = torchrun(script, argv, env={"CTRL_C_AFTER_BLOCK": "1"})
+    assert proc.returncode != 0
+    assert proc.stderr.count("interrupted after block 1 of 3") == 1, proc.stderr[-4000:]  # rank 0 says it
+    ckpt = tmp_path / "out.checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["next_block"] == 2
+    assert cli.main(argv) == 2
+    proc = torchrun(script, argv)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not ckpt.exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+CTRL_C_CLI = """
+import os, signal, sys, torch
+from optima_plugin import cli, hookimpl
+from optima_plugin.plugins import get_plugin_manager
+
+AFTER = int(os.environ.get("CTRL_C_AFTER_BLOCK", "-1"))
+
+
+class CtrlC:
+    @hookimpl
+    def optima_block_done(self, index, num_blocks, seconds):
+        if index == AFTER and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+get_plugin_manager().register(CtrlC())
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
 
 def _weights(folder: Path) -> dict:
@@ -212,6 +402,7 @@ def test_cli_streams_saves_and_reports_like_one_process(tmp_path, tiny_dir):
         assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) <= 1e-5, key
     leftovers = [p.name for p in tmp_path.iterdir() if "optima-stream" in p.name]
     assert not leftovers  # no rank left a staging folder behind
+    assert not (tmp_path / "two.checkpoint").exists()  # the default checkpoint (the shards' staging), removed
 
 
 def test_the_host_seam_refuses_torchrun(monkeypatch):
