@@ -7,7 +7,9 @@ prune time, and the ratios to the selector's own result (``own``: the mask alone
 SparseGPT's own update)::
 
     own           the selector alone (wanda: mask only; sparsegpt: its own update)
-    optima        the OPTIMA update with the defaults
+    default       the OPTIMA update with the defaults (--hessian_shrink auto: 0.3 up to 50%, 0 from 70%)
+    optima        the OPTIMA update on the calibration H itself (--hessian_shrink 0)
+    (the variants below add one option to ``optima``)
     damp_0.1, damp_1  + --damp 0.1 / 1 (more damping: closer to the mask alone)
     damp_auto     + --damp auto (per-layer damping chosen on held-out calibration windows)
     shrink_0.1, shrink_0.3  + --hessian_shrink 0.1 / 0.3 (input correlations of H scaled by 0.9 / 0.7)
@@ -41,6 +43,7 @@ from optima_plugin.loading import default_model, load_model
 PATTERNS = {"50%": ("unstructured", 0.5), "70%": ("unstructured", 0.7), "2:4": ("2:4", 0.5)}
 VARIANTS = {
     "own": {"hessian_shrink": 0.0},
+    "default": {"weight_update": "optima"},
     "optima": {"weight_update": "optima", "hessian_shrink": 0.0},
     "damp_0.1": {"weight_update": "optima", "hessian_shrink": 0.0, "damp": 0.1},
     "damp_1": {"weight_update": "optima", "hessian_shrink": 0.0, "damp": 1.0},

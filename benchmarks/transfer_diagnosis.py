@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     report = prune(model, tok, prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
                    sparsity_type=args.sparsity_type, weight_update="optima", nsamples=args.nsamples,
-                   seqlen=args.seqlen, calibration_dataset=args.calibration_dataset, device="cpu")
+                   seqlen=args.seqlen, calibration_dataset=args.calibration_dataset, device="cpu",
+                   hessian_shrink=0.0)  # the exact fit whose transfer is diagnosed
     print(f"pruned in {time.perf_counter() - t0:.0f} s (mean calibration error ratio "
           f"{report['summary']['mean_error_ratio']:.4f})", flush=True)
     adapter = get_adapter(model)

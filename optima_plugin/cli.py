@@ -17,7 +17,7 @@ from .checkpoint import RunInterrupted
 from .config import SAVE_FORMATS, PruneConfig
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
-from .hessian import SINK_MODES
+from .hessian import DEFAULT_HESSIAN_SHRINK, SHRINK_FULL_UNTIL, SHRINK_NONE_FROM, SINK_MODES, parse_shrink
 from .objective import OBJECTIVES
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
 from .refine import METHODS as REFINE_METHODS
@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sink_positions", type=int, default=d.sink_positions, help="leading positions of each window taken as sinks")
     a("--sink_factor", type=float, default=d.sink_factor,
       help="a token is a sink when its squared norm exceeds this many times its window's median")
-    a("--hessian_shrink", type=float, default=d.hessian_shrink,
+    a("--hessian_shrink", type=_shrink, default=d.hessian_shrink,
       help="scale the correlations between inputs (the off-diagonal of H) by 1 - this before selection, update "
-      "and compression: trusts the calibration text's input correlations less (0 = off)")
+      "and compression: trusts the calibration text's input correlations less (0 = off); auto (default): with "
+      f"--weight_update optima {DEFAULT_HESSIAN_SHRINK} for layers pruned to at most {SHRINK_FULL_UNTIL * 100:.0f}%%, "
+      f"none from {SHRINK_NONE_FROM * 100:.0f}%%, linear in between; 0 with other updates or --damp auto")
     a("--skip_attention", action="store_true", help="prune MLP linears only")
     a("--double_precision", action="store_true", help="solve in float64")
     a("--damp", type=_damp, default=d.damp,
@@ -127,6 +129,14 @@ def _damp(text: str):
 
     try:
         return parse_damp(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _shrink(text: str):
+    """``--hessian_shrink``: a number in [0, 1) or ``auto``."""
+    try:
+        return parse_shrink(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -50,7 +50,9 @@ class PruneConfig:
     sink_tokens: str = "keep"  # attention-sink tokens in the Hessians: keep, exclude or cap (optima_plugin.hessian)
     sink_positions: int = 1
     sink_factor: float = 100.0
-    hessian_shrink: float = 0.0  # off-diagonal of H (and G) scaled by 1 - this (optima_plugin.hessian.shrink_to_diagonal)
+    # off-diagonal of H (and G) scaled by 1 - this (optima_plugin.hessian.shrink_to_diagonal); auto: per layer
+    # from its sparsity with the OPTIMA update (hessian.default_hessian_shrink), 0 otherwise
+    hessian_shrink: float | str = "auto"
     skip_attention: bool = False
     double_precision: bool = False
     damp: float | str = 0.01  # or "auto": chosen per layer on held-out windows (optima_plugin.damping)
@@ -132,12 +134,7 @@ class PruneConfig:
 
         check_sink_options(self.sink_tokens, self.sink_positions, self.sink_factor, self.seqlen)
         self._validate_refine()
-        if not (isinstance(self.hessian_shrink, (int, float)) and 0.0 <= self.hessian_shrink < 1.0):
-            raise ValueError(f"--hessian_shrink must be a number in [0, 1) (the share of the correlations between "
-                             f"inputs taken out of H), got {self.hessian_shrink!r}")
-        if self.hessian_shrink and isinstance(self.damp, str):
-            raise ValueError(f"--hessian_shrink {self.hessian_shrink} with --damp {self.damp}: the damp is chosen on "
-                             "unshrunk held-out Hessians; give --damp a number with --hessian_shrink, or drop one")
+        self._validate_shrink()
         self._validate_allocation()
         self._validate_names()
         self._validate_objective()
@@ -212,6 +209,16 @@ class PruneConfig:
             raise ValueError(f"--damp auto holds out one calibration window in {HOLDOUT_EVERY} to choose each layer's "
                              f"damp and fits on the others: it needs --nsamples 2 or more (got {self.nsamples}), "
                              "or give --damp a number")
+
+    def _validate_shrink(self) -> None:
+        """``--hessian_shrink``: ``auto`` or a number in [0, 1) (see :func:`optima_plugin.hessian.resolve_shrink`)."""
+        from .hessian import parse_shrink, resolve_shrink
+
+        given = parse_shrink(self.hessian_shrink)
+        if given != "auto" and given and isinstance(self.damp, str):
+            raise ValueError(f"--hessian_shrink {given} with --damp {self.damp}: the damp is chosen on "
+                             "unshrunk held-out Hessians; give --damp a number with --hessian_shrink, or drop one")
+        self.hessian_shrink = resolve_shrink(given, self.weight_update, self.damp)
 
     def _validate_save_format(self) -> None:
         """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""

@@ -41,7 +41,7 @@ from .config import PruneConfig
 from .damping import HOLDOUT_EVERY, is_auto, layer_inputs
 from .data import get_calibration
 from .distributed import SyncedSelector, current as current_job
-from .hessian import SinkTokens, shrink_to_diagonal
+from .hessian import SinkTokens, layer_shrink, shrink_to_diagonal
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
 from .objective import DenseTerms, dense_objective, dense_target
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
@@ -285,15 +285,17 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                             else:
                                 hessians = pipe.hessians(i, block, group, groups, hdtype, names, holdout)
                         hessian, layer_options = layer_inputs(hessians[rel], options)
-                        hessian = shrink_to_diagonal(hessian, config.hessian_shrink)
-                        if rel in terms and config.hessian_shrink:
+                        shrink = layer_shrink(config.hessian_shrink, ratios[names[rel]])
+                        hessian = shrink_to_diagonal(hessian, shrink)
+                        if rel in terms and shrink:
                             terms[rel] = replace(terms[rel], hessian=hessian,
-                                                 cross=shrink_to_diagonal(terms[rel].cross, config.hessian_shrink))
+                                                 cross=shrink_to_diagonal(terms[rel].cross, shrink))
                         with _named_solver_logs(names[rel]):
                             result = _prune_linear(names[rel], i, lin, hessian, ratios[names[rel]], pattern,
                                                    selector, updater, layer_options, row_allocator, config,
                                                    compression, terms.get(rel))
                         result.hessian_stats = pipe.hessian_stats.get(rel)
+                        result.update["hessian_shrink"] = shrink
                         pm.hook.optima_layer_done(result=result)
                     del hessians, terms
                     if dense_block is not None:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..hessian import layer_shrink, shrink_to_diagonal
 from ..plugins import get_plugin_manager
 
 
@@ -40,7 +41,7 @@ def emit_mask(name: str, module: nn.Module, pruned: Tensor, hessian: Optional[Te
         ``module.weight`` after the plugins' answer was written, or None when no
         plugin answered (the host's weights stay).
     """
-    from .install import active_seam
+    from .install import active_options, active_seam
 
     pruned = pruned.to(dtype=torch.bool)
     seam = active_seam()
@@ -51,6 +52,9 @@ def emit_mask(name: str, module: nn.Module, pruned: Tensor, hessian: Optional[Te
     if dense_weight is None:
         raise ValueError(f"emit_mask({name!r}): pass dense_weight= (the weights before the mask), or run the "
                          "host under optima-host / after optima_plugin.host.install() so the seam has them")
+    options = active_options()
+    if hessian is not None and options is not None:  # as the seam does (--hessian_shrink)
+        hessian = shrink_to_diagonal(hessian, layer_shrink(options.hessian_shrink, float(pruned.float().mean())))
     answer = get_plugin_manager().hook.optima_mask_emitted(name=name, module=module, pruned=pruned,
                                                            hessian=hessian, dense_weight=dense_weight)
     if answer is None:

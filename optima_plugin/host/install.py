@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data import BUILTIN_TEXTS
 from ..files import check_output_file
+from ..hessian import resolve_shrink
 from ..models import get_adapter
 from ..plugins import collect_options, get_plugin_manager, registry
 from ..updaters import UpdateOptions
@@ -49,6 +50,8 @@ class HostOptions:
         weight_update: the updater answering the host's masks (``optima``; ``none`` and ``native``
             keep the host's own weights).
         solver, damp, tol, max_iter, double_precision: OPTIMA solver settings.
+        hessian_shrink: the off-diagonal of each ``H`` scaled by ``1 - hessian_shrink`` before the seam
+            uses it (``auto``: see :func:`~optima_plugin.hessian.resolve_shrink`); the host's masks are its own.
         mask_selector: a registered selector replacing the host's masks, at the host's per-row counts.
         host_data: ``pydoc``, ``sherlock`` or a local text path for the host's C4 / WikiText-2 loaders.
         host_seqlen: pin ``model.seqlen`` (the host's window length) to this.
@@ -68,6 +71,7 @@ class HostOptions:
     tol: Optional[float] = None
     max_iter: Optional[int] = None
     double_precision: bool = False
+    hessian_shrink: "float | str" = "auto"
     mask_selector: Optional[str] = None
     host_data: Optional[str] = None
     host_seqlen: Optional[int] = None
@@ -121,6 +125,7 @@ class HostOptions:
             raise ValueError(f"--optima_nsamples must be at least 1, got {self.nsamples}")
         if not math.isfinite(self.damp) or self.damp < 0:
             raise ValueError(f"--damp must be a finite number ≥ 0, got {self.damp}")
+        self.hessian_shrink = resolve_shrink(self.hessian_shrink, self.weight_update, self.damp)
         if self.tol is not None and not (math.isfinite(self.tol) and self.tol > 0):
             raise ValueError(f"--tol must be a finite number > 0, got {self.tol}")
         if self.max_iter is not None and self.max_iter < 1:
@@ -282,7 +287,7 @@ def _install_steps(inst: Installation) -> None:
             hessian_dtype=torch.float64 if options.double_precision else torch.float32,
             mask_selector=options.mask_selector, calibration=options.calibration or options.host_data or "c4",
             nsamples=options.nsamples, seqlen=options.seqlen, seed=options.seed, device=options.device,
-            report=options.report), inst.calls, stats_source=inst.plugin)
+            report=options.report, hessian_shrink=options.hessian_shrink), inst.calls, stats_source=inst.plugin)
         inst._undo.append(_flush_before_save(inst.seam))
     cpu_only = "cuda_on_cpu" not in options.no_shim and not torch.cuda.is_available()
     load = LoadOptions(cpu_only=cpu_only, dtype=DTYPES.get(options.host_dtype),

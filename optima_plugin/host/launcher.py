@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="updater for the host's masks: optima (default), native/none (keep the host's weights), or a plugin's")
     a("--solver", default=d.solver, help="OPTIMA solver: pcg, direct, pdhg, adam (%(default)s)")
     a("--damp", type=float, default=d.damp, help="relative Hessian damping (%(default)s)")
+    a("--hessian_shrink", default="auto", help="scale the correlations between inputs (off-diagonal of H) by 1 - "
+      "this before the seam uses it (update, objectives, acceptance); auto (default): as optima-prune, from each "
+      "mask's sparsity with --weight_update optima, else 0")
     a("--tol", type=float, default=None, help="solver tolerance (solver default if unset)")
     a("--max_iter", type=int, default=None, help="solver iteration cap")
     a("--double_precision", action="store_true", help="Hessians and solves in float64")
@@ -82,6 +85,7 @@ def host_options(ns: argparse.Namespace) -> HostOptions:
     """The :class:`HostOptions` of parsed plugin flags."""
     return HostOptions(
         weight_update=ns.weight_update, solver=ns.solver, damp=ns.damp, tol=ns.tol, max_iter=ns.max_iter,
+        hessian_shrink=ns.hessian_shrink,
         double_precision=ns.double_precision, mask_selector=ns.mask_selector, host_data=ns.host_data,
         host_seqlen=ns.host_seqlen, host_dtype=ns.host_dtype, no_shim=tuple(ns.no_shim),
         calibration=ns.optima_calibration, nsamples=ns.optima_nsamples, seqlen=ns.optima_seqlen,

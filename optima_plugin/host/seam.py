@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ..data import get_calibration
 from ..engine import LayerResult, blocks_path, resolve_device
 from ..files import write_json
-from ..hessian import HessianAccumulator
+from ..hessian import HessianAccumulator, layer_shrink, shrink_to_diagonal
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
 from ..memory import release_freed_memory
 from ..pipeline import BlockPipeline
@@ -78,6 +78,10 @@ class SeamSettings:
         nsamples, seqlen, seed: its windows (seqlen None: the host's ``model.seqlen``, else ≤ 2048).
         device: where its own pass runs (``auto``: the GPU if there is one).
         report: JSON file for the per-layer results, written by :meth:`HostSeam.finish`.
+        hessian_shrink: each layer's ``H`` has its off-diagonal scaled by ``1 - hessian_shrink`` (``auto``:
+            :func:`optima_plugin.hessian.default_hessian_shrink` of the mask's sparsity) before anything
+            reads it (a ``--mask_selector``, the update, the objectives and the acceptance test), as in
+            ``optima-prune``.
     """
 
     hessian_dtype: torch.dtype = torch.float32
@@ -88,6 +92,7 @@ class SeamSettings:
     seed: int = 0
     device: str = "auto"
     report: Optional[str] = None
+    hessian_shrink: "float | str" = 0.0
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -507,6 +512,8 @@ class HostSeam:
         # Every zero is pruned, the dense weight's own zeros too (GGUF-dequantized weights have many): the
         # host's zero pattern is kept exactly, and no zero the host counts in its sparsity is revived.
         pruned = host == 0 if pruned is None else pruned.to(device=weight.device, dtype=torch.bool)
+        shrink = layer_shrink(self.settings.hessian_shrink, float(pruned.float().mean()))
+        hessian = shrink_to_diagonal(hessian, shrink)  # what every step below reads (--hessian_shrink)
         if self.selector is not None:
             pruned = reselect(self.selector, dense, hessian, pruned)
         answer = self.pm.hook.optima_mask_emitted(name=ls.name, module=ls.module, pruned=pruned, hessian=hessian,
