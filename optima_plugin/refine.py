@@ -9,6 +9,11 @@ any ``r x d`` target works). The solvers minimise with the damped ``Hd = H + λI
 (:func:`~optima_plugin.solvers.problem.damp_hessian`); the reported objectives use the
 undamped ``H``.
 
+Dead inputs (``H_jj = 0``; ``damp_hessian`` gives them ``Hd_jj = 1 + λ`` in absolute units,
+decoupled from the rest) are never un-pruned: keeping one cannot lower the objective, and in
+damped units its ``Hd_jj`` would dwarf every live input's at small activation scales. Pruning
+a kept one is free (its undamped cost is 0), so both methods rank it first to prune.
+
 Two methods, both vectorised over rows (loops run over iterations only):
 
 * ``swap``: at ``ŵ`` the gradient ``g = Hd (ŵ - t)`` vanishes on kept entries and is the
@@ -32,7 +37,8 @@ Two methods, both vectorised over rows (loops run over iterations only):
   the iterates drift to plain magnitude masks). Starts at ``W = Z =`` the optimum, ``U = 0``.
   W-step: ``(Hd + ρ/2 I) W = Hd T + ρ/2 (Z - U)`` for all rows with
   one Cholesky per ``ρ``; Z-step: the Euclidean projection of ``W + U`` onto the pattern
-  (per row its pruned count of smallest magnitudes, per group for N:M); ``U += W - Z``;
+  (per row its pruned count of smallest magnitudes, per group for N:M, dead inputs ranked
+  below every live one); ``U += W - Z``;
   ``ρ ×= RHO_GROWTH`` every ``RHO_EVERY`` iterations so the support settles. Then the rows
   whose support changed are re-solved exactly on ``Z``'s support and kept only where
   their exact objective dropped.
@@ -43,10 +49,13 @@ objective of ``down_proj`` (576 x 1536) drops 44% with ``swap`` (20 iterations, 
 (576 x 576) 33% / 34% and 21% / 29%. ``swap`` re-solves every proposing row each iteration,
 so it costs about one solve per iteration; ``admm`` one triangular solve pair per iteration.
 
-Certification: a row's new mask and weights replace the old ones only when its damped
-objective drops by more than ``ACCEPT_RTOL`` (relative) and its undamped objective does
-not rise, both measured on the weights as returned (rounded to their dtype), so no row's
-objective, and hence no layer's, ever rises.
+Certification: a row's new mask and weights replace the old ones only when its undamped
+objective ``(ŵ - t)ᵀ H (ŵ - t)`` drops by more than ``ACCEPT_RTOL`` (relative) and the new
+mask un-prunes no dead input. The objective is computed in float64 straight from ``H`` on
+the weights as returned (rounded to their dtype), not recovered from the damped figure
+(``damped - Σ shift δ²`` loses it to rounding when dead inputs' ``Hd_jj = 1`` dominate), so
+no row's objective, and hence no layer's, rises at any activation scale; the reported
+``objective_before`` / ``objective`` are the sums of those float64 row figures.
 """
 
 from __future__ import annotations
@@ -60,7 +69,7 @@ import torch
 from torch import Tensor
 
 from .solvers.base import get_solver
-from .solvers.problem import Problem, cholesky_checked, objective_per_row, prepare
+from .solvers.problem import Problem, cholesky_checked, prepare
 from .sparsity import Pattern, count_mask, nm_mask
 
 log = logging.getLogger(__name__)
@@ -70,7 +79,7 @@ METHODS = ("none", "swap", "admm")
 CANDIDATES = 32
 #: most swaps one row proposes in one iteration
 MAX_SWAPS = 16
-#: a row is accepted when its damped objective drops by more than this relative amount
+#: a row is accepted when its float64 undamped objective drops by more than this relative amount
 ACCEPT_RTOL = 1e-6
 #: ``admm``: ``ρ`` starts at ``RHO_START`` (the problem scaled to unit diagonal) and grows
 #: ``× RHO_GROWTH`` every ``RHO_EVERY`` iterations
@@ -91,7 +100,7 @@ class Refinement:
         pruned: bool ``r x d``, True = pruned; the same per-row counts (and N:M groups) as the input.
         weight: ``r x d`` in the input weights' dtype and device, pruned entries exactly 0.
         method: ``swap`` or ``admm``.
-        objective_before: ``Σ_rows (ŵ - t)ᵀ H (ŵ - t)`` (undamped) of the input weights.
+        objective_before: ``Σ_rows (ŵ - t)ᵀ H (ŵ - t)`` (undamped, each row in float64) of the input weights.
         objective: the same for the returned weights (never above ``objective_before``).
         iterations: iterations run.
         rows_changed: rows whose mask changed.
@@ -133,19 +142,36 @@ class _Layer:
         self.pruned = pruned.to(p.weight.device).clone()
         self.weight = self._round(weight.to(device=p.weight.device, dtype=p.dtype)).clone()
         self.hdiag = p.damped.diagonal().clone()
-        self.shift = self.hdiag - p.hessian.diagonal()  # δᵀHdδ = δᵀHδ + Σ shift δ²
-        self.grad, self.damped_obj, self.obj = self.measure(self.weight, self.target)
+        # dead inputs (H_jj = 0, Hd_jj = 1 + λ by damp_hessian's convention): never un-pruned (keeping one
+        # cannot lower the objective) and free to prune (a zero cost in the pair scores)
+        self.dead = p.hessian.diagonal() <= 0
+        self.cost_diag = self.hdiag.masked_fill(self.dead, 0.0)
+        self.grad = self.gradient(self.weight, self.target)
+        self.obj = self.objective(self.weight, self.target)
 
     def _round(self, w: Tensor) -> Tensor:
         """``w`` as the returned weights will be: rounded to the output dtype, back in the compute dtype."""
         return w.to(self.out_dtype).to(self.problem.dtype)
 
-    def measure(self, weight: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(g = (ŵ - t) Hd, damped (r,), undamped (r,))`` for rows ``weight`` of targets ``target``."""
-        delta = weight - target
-        grad = delta @ self.problem.damped
-        damped = (grad * delta).sum(dim=1)
-        return grad, damped, damped - (delta * delta * self.shift).sum(dim=1)
+    def gradient(self, weight: Tensor, target: Tensor) -> Tensor:
+        """``g = (ŵ - t) Hd`` (the pair scores' gradient, compute dtype) for rows ``weight`` of targets ``target``."""
+        return (weight - target) @ self.problem.damped
+
+    def objective(self, weight: Tensor, target: Tensor) -> Tensor:
+        """float64 ``(r,)`` undamped ``(ŵ - t)ᵀ H (ŵ - t)``, straight from ``H`` (the acceptance's figure).
+
+        Computed in float64 whatever the compute dtype, in column chunks of ``H`` (no ``d x d`` float64 copy),
+        so a row's figure has a relative error near ``d · 1e-16`` at any activation scale.
+        """
+        h = self.problem.hessian
+        delta = weight.double() - target.double()
+        if h.dtype == torch.float64:
+            return (delta @ h * delta).sum(dim=1)
+        step = max(1, CHUNK_BYTES // (8 * h.shape[0]))
+        out = torch.zeros(delta.shape[0], dtype=torch.float64, device=delta.device)
+        for c in range(0, h.shape[1], step):
+            out += (delta @ h[:, c:c + step].double() * delta[:, c:c + step]).sum(dim=1)
+        return out
 
     def solve(self, rows: Tensor, pruned: Tensor) -> Tensor:
         """Exact weights (rounded to the output dtype) of rows ``rows`` (long) for their new mask ``pruned``."""
@@ -154,23 +180,27 @@ class _Layer:
         return self._round(out.weight.masked_fill(pruned, 0.0)).masked_fill(pruned, 0.0)
 
     def try_rows(self, rows: Tensor, pruned: Tensor) -> Tensor:
-        """Re-solve rows ``rows`` on masks ``pruned`` and keep those whose exact objective drops.
+        """Re-solve rows ``rows`` on masks ``pruned`` and keep those whose objective drops (see the module doc).
 
-        Returns bool ``(len(rows),)``: which rows were accepted (their mask, weights and figures updated).
+        A row is accepted when its float64 undamped objective, on the weights as returned, drops by more than
+        ``ACCEPT_RTOL`` (relative), and its new mask un-prunes no dead input. Returns bool ``(len(rows),)``:
+        which rows were accepted (their mask, weights, gradient and objective updated).
         """
         new = self.solve(rows, pruned)
-        grad, damped, obj = self.measure(new, self.target[rows])
-        finite = torch.isfinite(damped) & torch.isfinite(obj) & torch.isfinite(new).all(dim=1)
-        ok = finite & (damped < self.damped_obj[rows] * (1 - ACCEPT_RTOL)) & (obj <= self.obj[rows])
+        obj = self.objective(new, self.target[rows])
+        revived = (self.pruned[rows] & ~pruned & self.dead).any(dim=1)
+        finite = torch.isfinite(obj) & torch.isfinite(new).all(dim=1)
+        old = self.obj[rows]
+        ok = finite & ~revived & (obj < old - ACCEPT_RTOL * old.abs())
         if bool(ok.any()):
             idx = rows[ok]
-            self.pruned[idx], self.weight[idx], self.grad[idx] = pruned[ok], new[ok], grad[ok]
-            self.damped_obj[idx], self.obj[idx] = damped[ok], obj[ok]
+            self.pruned[idx], self.weight[idx], self.obj[idx] = pruned[ok], new[ok], obj[ok]
+            self.grad[idx] = self.gradient(new[ok], self.target[idx])
         return ok
 
     def total(self) -> float:
-        """The layer's undamped objective, summed as the solvers' figures sum it."""
-        return float(objective_per_row(self.problem.hessian, self.weight - self.target).sum())
+        """The layer's undamped objective: the sum of the rows' float64 figures (so refining never raises it)."""
+        return float(self.obj.sum())
 
 
 def refine_mask(
@@ -291,17 +321,17 @@ def _propose_unstructured(layer: _Layer, rows: Tensor, budget: Tensor, pattern: 
     Returns ``(new masks (len(rows) x d), bool (len(rows),): rows with a proposal)``.
     """
     pruned, w, g = layer.pruned[rows], layer.weight[rows], layer.grad[rows]
-    hdiag, hd = layer.hdiag, layer.problem.damped
+    hdiag, cdiag, hd = layer.hdiag, layer.cost_diag, layer.problem.damped
     n, d = pruned.shape
     k = min(CANDIDATES, d)
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
-    gain = torch.where(pruned, g * g / hdiag, -inf)
-    cost = torch.where(pruned, inf, w * w * hdiag)
+    gain = torch.where(pruned & ~layer.dead, g * g / hdiag, -inf)  # a dead input is never un-pruned
+    cost = torch.where(pruned, inf, w * w * cdiag)
     gv, jj = torch.topk(gain, k, dim=1)
     cv, ii = torch.topk(cost, k, dim=1, largest=False)
     h_ij = hd[ii.unsqueeze(2), jj.unsqueeze(1)]  # n x k(i) x k(j)
     score = _pair_scores(torch.gather(g, 1, jj).unsqueeze(1), torch.gather(w, 1, ii).unsqueeze(2), h_ij,
-                         hdiag[jj].unsqueeze(1), hdiag[ii].unsqueeze(2))
+                         hdiag[jj].unsqueeze(1), cdiag[ii].unsqueeze(2))
     valid = torch.isfinite(gv).unsqueeze(1) & torch.isfinite(cv).unsqueeze(2)
     score = torch.where(valid, score, -inf)
     new = pruned.clone()
@@ -330,7 +360,8 @@ def _propose_nm(layer: _Layer, rows: Tensor, budget: Tensor, pattern: Pattern) -
     groups = d // m
     hd = layer.problem.damped
     block = hd.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # G x m(i) x m(j)
-    hdiag = layer.hdiag.reshape(groups, m)
+    hdiag, cdiag = layer.hdiag.reshape(groups, m), layer.cost_diag.reshape(groups, m)
+    dead = layer.dead.reshape(groups, m)
     per_row = max(1, groups * m * m * hd.element_size() * 3)
     chunk = max(1, CHUNK_BYTES // per_row)
     news, props = [], []
@@ -342,8 +373,8 @@ def _propose_nm(layer: _Layer, rows: Tensor, budget: Tensor, pattern: Pattern) -
         pruned = layer.pruned[rs].reshape(n, groups, m)
         w = layer.weight[rs].reshape(n, groups, m)
         g = layer.grad[rs].reshape(n, groups, m)
-        score = _pair_scores(g.unsqueeze(2), w.unsqueeze(3), block, hdiag.unsqueeze(1), hdiag.unsqueeze(2))
-        valid = (~pruned).unsqueeze(3) & pruned.unsqueeze(2)  # i kept, j pruned
+        score = _pair_scores(g.unsqueeze(2), w.unsqueeze(3), block, hdiag.unsqueeze(1), cdiag.unsqueeze(2))
+        valid = (~pruned).unsqueeze(3) & (pruned & ~dead).unsqueeze(2)  # i kept, j pruned and live
         score = score.masked_fill(~valid, -inf)
         best, flat = score.reshape(n, groups, m * m).max(dim=2)  # n x G
         top = min(MAX_SWAPS, groups)
@@ -364,11 +395,11 @@ def _propose_nm(layer: _Layer, rows: Tensor, budget: Tensor, pattern: Pattern) -
 # -- admm ------------------------------------------------------------------------------------------------
 
 
-def _project(values: Tensor, counts: Tensor, pattern: Pattern) -> Tensor:
-    """bool ``r x d`` mask of the pattern pruning the smallest ``|values|`` (``counts[i]`` per row, or N:M)."""
+def _project(magnitudes: Tensor, counts: Tensor, pattern: Pattern) -> Tensor:
+    """bool ``r x d`` mask of the pattern pruning the smallest ``magnitudes`` (``counts[i]`` per row, or N:M)."""
     if pattern.structured:
-        return nm_mask(values.abs(), pattern)
-    return count_mask(values.abs(), counts)
+        return nm_mask(magnitudes, pattern)
+    return count_mask(magnitudes, counts)
 
 
 def _admm(layer: _Layer, pattern: Pattern, iterations: int) -> tuple[int, int]:
@@ -383,6 +414,9 @@ def _admm(layer: _Layer, pattern: Pattern, iterations: int) -> tuple[int, int]:
     z = layer.weight * scale
     u = torch.zeros_like(z)
     ht = t @ hd
+    # dead inputs rank below every live one: those pruned stay pruned (they fit: the counts include them), kept
+    # ones are pruned first (free); among dead inputs the pruned rank lowest, so none is ever un-pruned
+    floor = torch.where(layer.pruned, -2.0, -1.0).to(z.dtype)
     factor, factor_rho = None, None
     stable = 0
     it = 0
@@ -392,7 +426,7 @@ def _admm(layer: _Layer, pattern: Pattern, iterations: int) -> tuple[int, int]:
         rhs = ht + 0.5 * rho * (z - u)
         w = torch.cholesky_solve(rhs.T, factor).T
         v = w + u
-        mask = _project(v, counts, pattern)
+        mask = _project(torch.where(layer.dead, floor, v.abs()), counts, pattern)
         z = v.masked_fill(mask, 0.0)
         u = v - z  # u + w - z
         moved = int((mask != z_mask).sum())

@@ -275,3 +275,148 @@ def test_refines_towards_the_dense_objective_target():
         assert layer["refine"]["objective"] <= layer["refine"]["objective_before"]
         assert layer["objective"] <= layer["mask_objective"] * (1 + 1e-6)
     assert sum(x["refine"]["rows_changed"] for x in report["layers"]) > 0
+
+
+# -- dead inputs and small activations (issue 24 item 3) -----------------------------------------------------
+
+DEAD = 8  # of D inputs always zero: H_jj = 0, the damped problem's Hd_jj = 1 + λ
+#: u = 2⁻⁵³; a float64 quadratic form δᵀHδ summed over ``n`` products has an error of at most
+#: γ_n |δ|ᵀ|H||δ|, γ_n = n u / (1 - n u), whatever the order (n = 2D + 2 bounds both the package's chunked
+#: GEMM and this file's; δ = ŵ - t of float32 values is exact in float64)
+GAMMA = (2 * D + 2) * 2.0**-53 / (1 - (2 * D + 2) * 2.0**-53)
+
+
+def dead_problem(kind: str, mask_by: str, seed: int, scale: float):
+    """``(target, float32 H, pruned, pattern)`` with ``DEAD`` dead inputs and activations scaled by ``scale``."""
+    h = (activation_hessian(D, dead=DEAD, seed=seed) * scale**2).float()
+    w = random_weight(R, D, seed=seed)
+    score = w.abs() if mask_by == "magnitude" else w.abs() * h.diagonal().sqrt()
+    if kind == "2:4":
+        return w, h, nm_mask(score, Pattern(2, 4)), Pattern(2, 4)
+    return w, h, count_mask(score, torch.full((R,), D // 2)), Pattern()
+
+
+def objective_and_bound(target: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor):
+    """float64 per-row ``δᵀHδ`` from the layer's own ``H`` and the bound on its rounding error (``GAMMA``)."""
+    delta = weight.double() - target.double()
+    h = hessian.double()
+    return ((delta @ h) * delta).sum(dim=1), GAMMA * ((delta.abs() @ h.abs()) * delta.abs()).sum(dim=1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+@pytest.mark.parametrize("method", ["swap", "admm"])
+def test_dead_inputs_no_row_rises_at_any_scale(method, scale):
+    """With dead inputs, in float32, at activation scale 1 and 1e-3: every row's float64 objective after refine is at
+    most its objective before (up to the derived float64 rounding bound, about 1e-14 relative), a row changes only
+    where it strictly drops, no dead input is un-pruned, the pattern is kept and the stats are those figures."""
+    for kind in ("unstructured", "2:4"):
+        for mask_by in ("wanda", "magnitude"):
+            for seed in range(3):
+                case = (kind, mask_by, seed)
+                target, h, pruned, pattern = dead_problem(kind, mask_by, seed, scale)
+                dead = h.diagonal() <= 0
+                assert int(dead.sum()) == DEAD
+                start = reconstruct(target, pruned, h, damp=DAMP).weight
+                ref = refine_mask(method, target, start, pruned, h, pattern=pattern, iterations=20, damp=DAMP)
+                check_pattern(pruned, ref.pruned, pattern)
+                assert bool((ref.weight[ref.pruned] == 0).all())
+                before, err_b = objective_and_bound(target, start, h)
+                after, err_a = objective_and_bound(target, ref.weight, h)
+                slack = err_a + err_b
+                assert bool((after <= before + slack).all()), (case, float(((after - before) / before).max()))
+                assert not bool((pruned & ~ref.pruned & dead).any()), f"{case}: a dead input was un-pruned"
+                changed = (ref.pruned != pruned).any(dim=1)
+                assert bool((after[changed] < before[changed] - slack[changed]).all()), case
+                assert torch.equal(ref.weight[~changed], start[~changed])
+                assert ref.rows_changed == int(changed.sum())
+                assert abs(ref.objective_before - float(before.sum())) <= 2 * float(err_b.sum()), case
+                assert abs(ref.objective - float(after.sum())) <= 2 * float(err_a.sum()), case
+                assert ref.objective <= ref.objective_before
+
+
+def test_forced_bad_swaps_are_rejected(monkeypatch):
+    """The acceptance, not the proposal, certifies: swaps forced to be bad (prune each row's most expensive kept
+    weight, un-prune its least useful pruned live input) are all rejected and nothing changes."""
+    from optima_plugin import refine
+
+    def worst(layer, rows, budget, pattern):
+        pruned, w, g = layer.pruned[rows], layer.weight[rows], layer.grad[rows]
+        hdiag = layer.problem.damped.diagonal()
+        live = layer.problem.hessian.diagonal() > 0
+        i = torch.where(~pruned, w * w * hdiag, -float("inf")).argmax(dim=1)
+        j = torch.where(pruned & live, g * g / hdiag, float("inf")).argmin(dim=1)
+        new = pruned.clone()
+        ar = torch.arange(rows.numel())
+        new[ar, i], new[ar, j] = True, False
+        return new, torch.ones(rows.numel(), dtype=torch.bool)
+
+    monkeypatch.setattr(refine, "_propose_unstructured", worst)
+    for scale in (1.0, 1e-3):
+        target, h, pruned, pattern = dead_problem("unstructured", "wanda", 0, scale)
+        start = reconstruct(target, pruned, h, damp=DAMP).weight
+        ref = refine_mask("swap", target, start, pruned, h, iterations=5, damp=DAMP)
+        assert ref.rows_changed == 0 and ref.swaps == 0
+        assert ref.rejected_rows == R  # each row rejected once with budget 1, then stopped
+        assert torch.equal(ref.pruned, pruned) and torch.equal(ref.weight, start)
+        assert ref.objective == ref.objective_before
+
+
+def test_forced_bad_admm_support_is_rejected(monkeypatch):
+    """An ADMM support forced to be bad (each row keeps its smallest magnitudes) is rejected row by row."""
+    from optima_plugin import refine
+
+    monkeypatch.setattr(refine, "_project", lambda mags, counts, pattern: count_mask(-mags, counts))
+    target, h, pruned, pattern = dead_problem("unstructured", "wanda", 0, 1e-3)
+    start = reconstruct(target, pruned, h, damp=DAMP).weight
+    ref = refine_mask("admm", target, start, pruned, h, iterations=5, damp=DAMP)
+    assert ref.rows_changed == 0 and ref.rejected_rows == R
+    assert torch.equal(ref.pruned, pruned) and torch.equal(ref.weight, start)
+
+
+def test_a_flat_change_is_not_accepted(monkeypatch):
+    """A row changes only where its objective drops: swapping two identical inputs (same activations, same
+    target) changes the mask but not the objective, and is rejected (the figures differ by rounding only)."""
+    from optima_plugin import refine
+
+    target, h, pruned, _ = dead_problem("unstructured", "wanda", 0, 1e-3)
+    a, b = 1, 2
+    assert bool((h.diagonal()[[a, b]] > 0).all())
+    h[b, :] = h[a, :]  # x_b := x_a
+    h[:, b] = h[:, a]
+    target[:, b] = target[:, a]
+    pruned[:, a], pruned[:, b] = True, False
+    start = reconstruct(target, pruned, h, damp=DAMP).weight
+
+    def mirror(layer, rows, budget, pattern):
+        new = layer.pruned[rows].clone()
+        new[:, a], new[:, b] = False, True
+        return new, torch.ones(rows.numel(), dtype=torch.bool)
+
+    monkeypatch.setattr(refine, "_propose_unstructured", mirror)
+    ref = refine_mask("swap", target, start, pruned, h, iterations=3, damp=DAMP)
+    assert ref.rows_changed == 0 and ref.rejected_rows == R
+    assert torch.equal(ref.pruned, pruned) and torch.equal(ref.weight, start)
+
+
+def test_a_proposal_reviving_a_dead_input_is_rejected(monkeypatch):
+    """A row's proposal that un-prunes a dead input is rejected even where the rest of it lowers the objective:
+    the good swaps alone are accepted, the same swaps plus a dead input un-pruned (and another pruned) are not."""
+    from optima_plugin import refine
+
+    target, h, pruned, _ = dead_problem("unstructured", "magnitude", 0, 1e-3)  # a bad mask: good swaps exist
+    d1, d2 = torch.nonzero(h.diagonal() <= 0).squeeze(1)[:2].tolist()
+    pruned[:, d1], pruned[:, d2] = True, False
+    start = reconstruct(target, pruned, h, damp=DAMP).weight
+    good = refine_mask("swap", target, start, pruned, h, iterations=1, damp=DAMP)
+    assert good.rows_changed > 0
+    propose = refine._propose_unstructured
+
+    def revive_d1(layer, rows, budget, pattern):
+        new, proposed = propose(layer, rows, budget, pattern)
+        new[:, d1], new[:, d2] = False, True  # d2 pruned for free, d1 (dead) un-pruned: objective unchanged
+        return new, proposed
+
+    monkeypatch.setattr(refine, "_propose_unstructured", revive_d1)
+    ref = refine_mask("swap", target, start, pruned, h, iterations=1, damp=DAMP)
+    assert ref.rows_changed == 0 and ref.rejected_rows > 0
+    assert torch.equal(ref.pruned, pruned) and torch.equal(ref.weight, start)
