@@ -282,7 +282,8 @@ def test_refines_towards_the_dense_objective_target():
 DEAD = 8  # of D inputs always zero: H_jj = 0, the damped problem's Hd_jj = 1 + λ
 #: u = 2⁻⁵³; a float64 quadratic form δᵀHδ summed over ``n`` products has an error of at most
 #: γ_n |δ|ᵀ|H||δ|, γ_n = n u / (1 - n u), whatever the order (n = 2D + 2 bounds both the package's chunked
-#: GEMM and this file's; δ = ŵ - t of float32 values is exact in float64)
+#: GEMM and this file's; δ = ŵ - t of two float32 values within 2²⁹ of each other in scale, or ŵ = 0, is exact
+#: in float64)
 GAMMA = (2 * D + 2) * 2.0**-53 / (1 - (2 * D + 2) * 2.0**-53)
 
 
