@@ -279,7 +279,8 @@ class PruneConfig:
         self.check_paths_distinct()
 
     def check_paths_distinct(self) -> None:
-        """``ValueError`` when an output overlaps an input or another output (:func:`~optima_plugin.files.check_distinct`).
+        """``ValueError`` when an output overlaps an input or another output (see
+        :func:`~optima_plugin.files.check_distinct`).
 
         Outputs: ``--report``, ``--plot``, ``--save_layer_ratio``, ``--save_masks``, ``--save_model`` and the
         checkpoint folder (read to resume, but replaced and deleted by the tool: an output). Inputs: the

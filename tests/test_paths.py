@@ -164,8 +164,9 @@ CASES = {
     "saved model inside the model folder": (["--save_model", "{model}/pruned"], "--save_model .* is inside --model"),
     "checkpoint inside the model folder": (["--checkpoint_dir", "{model}/ckpt"],
                                            "--checkpoint_dir .* is inside --model"),
-    "saved model holds the calibration text": (["--calibration_dataset", "{saved}/tokenizer.json", "--save_model",
-                                                "{saved}", "--overwrite"], "--save_model .* holds --calibration_dataset"),
+    "saved model holds the calibration text": (["--calibration_dataset", "{saved}/tokenizer.json",
+                                                "--save_model", "{saved}", "--overwrite"],
+                                               "--save_model .* holds --calibration_dataset"),
     "two outputs, one file": (["--report", "{tmp}/x.json", "--save_masks", "{tmp}/x.json"],
                               "--report .* is --save_masks .*another output"),
 }

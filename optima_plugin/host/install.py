@@ -132,9 +132,10 @@ class HostOptions:
             raise ValueError(f"--max_iter must be at least 1, got {self.max_iter}")
         if self.report is not None:
             check_output_file(self.report, "--optima_report")
-            texts = (("--host_data", self.host_data), ("--optima_calibration", self.calibration))
-            check_distinct([("--optima_report", self.report)],
-                           [(flag, path) for flag, path in texts if path and path not in BUILTIN and Path(path).exists()])
+            texts = [(flag, path) for flag, path in (("--host_data", self.host_data),
+                                                     ("--optima_calibration", self.calibration))
+                     if path and path not in BUILTIN and Path(path).exists()]
+            check_distinct([("--optima_report", self.report)], texts)
         self.plugin_options = collect_options(builtin=False).resolve(self.plugin_options)
         return self
 
