@@ -422,13 +422,19 @@ def staging_prefix(target: Path) -> str:
     return f".{target.name[:80]}.optima-"
 
 
+LEFTOVER_WAIT_S = 5.0
+"""How long :func:`recover_interrupted_save` waits for a locked leftover (another rank recovering it
+takes milliseconds; a live save of another run holds it for minutes and is then left alone)."""
+
+
 @contextmanager
-def hold_folder(folder: Path, *, wait: bool = True) -> Iterator[bool]:
+def hold_folder(folder: Path, *, timeout: Optional[float] = None) -> Iterator[bool]:
     """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself); yield whether it was got.
 
     A save holds the lock on its staging folders while it lives, so :func:`recover_interrupted_save`
     of another process leaves them alone; the lock goes with the process when it is killed.
-    Without ``wait`` a folder locked elsewhere yields False at once.
+    ``timeout``: seconds to wait for a folder locked elsewhere (None: as long as it takes), then
+    yield False. A folder that is gone yields False.
     """
     if fcntl is None:
         yield True
@@ -439,11 +445,16 @@ def hold_folder(folder: Path, *, wait: bool = True) -> Iterator[bool]:
         yield False
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:
-            yield False
-            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
         yield True
     finally:
         os.close(fd)  # releases the lock
@@ -454,9 +465,10 @@ def recover_interrupted_save(directory: str | os.PathLike) -> None:
 
     A save (:func:`~optima_plugin.loading.install_directory`) writes ``.NAME.optima-new.XXXXXXXX`` and,
     when replacing, moves the old folder to ``.NAME.optima-old.XXXXXXXX/old``. Only folders of exactly
-    that name for this target, not locked by a live save, and whose content is the tool's are touched:
-    a ``new`` folder of regular files is removed; an ``old`` one is put back at ``directory`` when that
-    is missing (killed between the two renames), else its saved model is removed per its marker.
+    that name for this target, not locked by a live save (:data:`LEFTOVER_WAIT_S`), and whose content
+    is the tool's are touched: a ``new`` folder of regular files is removed; an ``old`` one is put back
+    at ``directory`` when that is missing (killed between the two renames), else its saved model is
+    removed per its marker.
     Anything else is left, with a warning. Targets of over 80 characters share their prefix with
     others and are skipped.
     """
@@ -473,7 +485,7 @@ def recover_interrupted_save(directory: str | os.PathLike) -> None:
         folder = target.parent / name
         if match is None or folder.is_symlink() or not folder.is_dir():
             continue
-        with hold_folder(folder, wait=False) as held:
+        with hold_folder(folder, timeout=LEFTOVER_WAIT_S) as held:
             if not held or not folder.is_dir():  # a live save's, or gone meanwhile
                 continue
             try:

@@ -301,7 +301,8 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_save(lm, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_only_the_tools_leftovers_of_that_target_are_touched(lm, tmp_path):
+def test_only_the_tools_leftovers_of_that_target_are_touched(lm, tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "LEFTOVER_WAIT_S", 0.2)
     out = tmp_path / "out"
     save_model(*lm, str(out))
     keep = {
@@ -331,6 +332,36 @@ def test_only_the_tools_leftovers_of_that_target_are_touched(lm, tmp_path):
         assert held
         save_model(*lm, str(out), overwrite=True)
     assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("out/") and k != "out"} == before
+
+
+def test_a_leftover_another_process_is_recovering_is_waited_for(lm, tmp_path):
+    """Under torchrun every rank checks the paths: one waits while another holds the leftover (briefly),
+    so all of them see the previous model back in place."""
+    import threading
+
+    out = tmp_path / "out"
+    save_model(*lm, str(out))
+    before = tree(out)
+    aside = _kill_between_renames(out)
+    got, release = threading.Event(), threading.Event()
+
+    def other_rank():
+        with files.hold_folder(aside) as held:
+            assert held
+            got.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_rank)
+    thread.start()
+    got.wait(10)
+    threading.Timer(0.3, release.set).start()
+    try:
+        files.recover_interrupted_save(out)
+    finally:
+        release.set()
+        thread.join()
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # --- item 16: saved folders follow the umask -------------------------------------------------------
