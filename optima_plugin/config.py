@@ -251,7 +251,7 @@ class PruneConfig:
         """Datasets and input files exist; every output can be written; the checkpoint folder is usable."""
         from .checkpoint import check_checkpoint_dir, default_checkpoint_dir
         from .data import check_calibration, check_dataset
-        from .files import check_output_file, check_save_target
+        from .files import check_output_file, check_save_target, recover_interrupted_save
 
         check_calibration(self.calibration_dataset, self.nsamples, "--calibration_dataset")
         for ds in self.eval_ppl:
@@ -265,6 +265,7 @@ class PruneConfig:
                 check_output_file(getattr(self, flag), f"--{flag}")
         protected = [self.model_path] if self.model_path and Path(self.model_path).exists() else []
         if self.save_model:
+            recover_interrupted_save(self.save_model)  # a killed save's leftovers: put back or removed
             check_save_target(self.save_model, overwrite=self.overwrite, protected=protected)
         if self.checkpoint_dir is None and self.save_model and self.checkpoint:
             self.checkpoint_dir = default_checkpoint_dir(self.save_model)
@@ -275,6 +276,30 @@ class PruneConfig:
                 if ckpt == save or save in ckpt.parents or ckpt in save.parents:
                     raise ValueError(f"--checkpoint_dir {self.checkpoint_dir} and --save_model {self.save_model} "
                                      "overlap; give them separate folders")
+        self.check_paths_distinct()
+
+    def check_paths_distinct(self) -> None:
+        """``ValueError`` when an output overlaps an input or another output (see
+        :func:`~optima_plugin.files.check_distinct`).
+
+        Outputs: ``--report``, ``--plot``, ``--save_layer_ratio``, ``--save_masks``, ``--save_model`` and the
+        checkpoint folder (read to resume, but replaced and deleted by the tool: an output). Inputs: the
+        ``--model`` folder (its GGUF file inside), local calibration and evaluation texts, ``--load_layer_ratio``,
+        ``--mask_checkpoint`` and ``--tasks_dir``, where they exist.
+        """
+        from .data import BUILTIN, parse_calibration
+        from .files import check_distinct
+
+        outputs = [(f"--{name}", getattr(self, name)) for name in
+                   ("report", "plot", "save_layer_ratio", "save_masks", "save_model", "checkpoint_dir")
+                   if getattr(self, name)]
+        texts = [source for source, _ in parse_calibration(self.calibration_dataset)]
+        inputs = [("--model", self.model_path)]
+        inputs += [("--calibration_dataset", source) for source in texts if source not in BUILTIN]
+        inputs += [("--eval_ppl", source) for source in self.eval_ppl if source not in BUILTIN]
+        inputs += [("--load_layer_ratio", self.load_layer_ratio), ("--tasks_dir", self.tasks_dir),
+                   ("--mask_checkpoint", self.plugin_options.get("mask_checkpoint"))]
+        check_distinct(outputs, [(flag, str(path)) for flag, path in inputs if path and Path(path).exists()])
 
     @property
     def checkpoint_is_default(self) -> bool:

@@ -7,12 +7,14 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .files import check_save_target, remove_saved_directory, resolve_dir, write_save_marker
+from .files import (check_save_target, default_mode, hold_folder, recover_interrupted_save, remove_saved_directory,
+                    resolve_dir, staging_prefix, write_save_marker)
 
 log = logging.getLogger(__name__)
 
@@ -87,31 +89,39 @@ def install_directory(directory: str, write: Callable[[Path], None], *, overwrit
 
     ``directory`` is checked first (:func:`~optima_plugin.files.check_save_target`: never
     the current directory, home, ``protected`` paths, or a non-empty folder the tool did
-    not save). Everything is written to a temporary sibling, then renamed into place; an
-    existing (empty, or previously saved) directory is moved aside first and deleted only
-    after the new one is in place. On failure only this call's temporary folders are
+    not save), after what a killed earlier save left beside it is cleaned up or put back
+    (:func:`~optima_plugin.files.recover_interrupted_save`). Everything is written to a
+    temporary sibling (locked while this call lives), then renamed into place; an existing
+    (empty, or previously saved) directory is moved aside first and deleted only after the
+    new one is in place. The new folder gets the replaced folder's permissions, or the
+    umask's (not ``mkdtemp``'s 0700). On failure only this call's temporary folders are
     removed and the old directory is put back. Returns the resolved target.
     """
     target = resolve_dir(directory)
+    recover_interrupted_save(directory)
     check_save_target(directory, overwrite=overwrite, protected=protected)
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name[:80]}.optima-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix + "new.", dir=target.parent))
-    aside: Optional[Path] = None  # while the new directory moves in, the old one waits as aside/old
-    try:
-        write(tmp)
-        write_save_marker(tmp)
-        if target.exists():
-            aside = Path(tempfile.mkdtemp(prefix=prefix + "old.", dir=target.parent))
-            os.rename(target, aside / "old")
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # created by this call: all ours
+    prefix = staging_prefix(target)
+    with ExitStack() as locks:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix + "new.", dir=target.parent))
+        locks.enter_context(hold_folder(tmp))
+        aside: Optional[Path] = None  # while the new directory moves in, the old one waits as aside/old
+        try:
+            write(tmp)
+            write_save_marker(tmp)
+            os.chmod(tmp, target.stat().st_mode & 0o7777 if target.is_dir() else default_mode(0o777))
+            if target.exists():
+                aside = Path(tempfile.mkdtemp(prefix=prefix + "old.", dir=target.parent))
+                locks.enter_context(hold_folder(aside))
+                os.rename(target, aside / "old")
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # created by this call: all ours
+            if aside is not None:
+                _restore(aside, target)
+            raise
         if aside is not None:
-            _restore(aside, target)
-        raise
-    if aside is not None:
-        _remove_old(aside)
+            _remove_old(aside)
     log.info("saved pruned model to %s", target)
     return target
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..data import BUILTIN_TEXTS
-from ..files import check_output_file
+from ..data import BUILTIN, BUILTIN_TEXTS
+from ..files import check_distinct, check_output_file
 from ..hessian import resolve_shrink
 from ..models import get_adapter
 from ..plugins import collect_options, get_plugin_manager, registry
@@ -132,6 +132,10 @@ class HostOptions:
             raise ValueError(f"--max_iter must be at least 1, got {self.max_iter}")
         if self.report is not None:
             check_output_file(self.report, "--optima_report")
+            texts = [(flag, path) for flag, path in (("--host_data", self.host_data),
+                                                     ("--optima_calibration", self.calibration))
+                     if path and path not in BUILTIN and Path(path).exists()]
+            check_distinct([("--optima_report", self.report)], texts)
         self.plugin_options = collect_options(builtin=False).resolve(self.plugin_options)
         return self
 
