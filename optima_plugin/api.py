@@ -40,8 +40,11 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     (``checkpoint_dir``, by default ``<save_model>.checkpoint``) the prune resumes
     where an earlier run of the same options stopped, and a failure while
     evaluating or saving leaves the pruned blocks there; the default folder is
-    removed once everything succeeded. Returns the report dict (also written to
-    ``report`` when given).
+    removed once everything succeeded. The checkpoint and ``save_model`` folders are locked
+    for the call (:mod:`optima_plugin.lock`): another run on them raises
+    :class:`~optima_plugin.lock.RunLocked`. A failed write of an output or a checkpoint file
+    raises :class:`~optima_plugin.checkpoint.WriteFailed` (an ``OSError``) naming it. Returns
+    the report dict (also written to ``report`` when given).
 
     ``model`` may be a :class:`~optima_plugin.streaming.StreamedModel`
     (:func:`~optima_plugin.streaming.open_streamed`): its blocks are read from disk one at
