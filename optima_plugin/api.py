@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, WriteFailed, write_failure
 from .config import PruneConfig
 from .distributed import check_options, setup as join_job
 from .engine import prune_model, resolve_device
@@ -21,6 +21,7 @@ from .evaluation import eval_ppl, eval_zero_shot
 from .evaluation.zero_shot import check_tasks
 from .files import write_json
 from .loading import save_model
+from .lock import exclusive_run
 from .maskfile import save_masks
 from .memory import PeakMemory
 from .sparsity import check_sparsity
@@ -39,8 +40,11 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     (``checkpoint_dir``, by default ``<save_model>.checkpoint``) the prune resumes
     where an earlier run of the same options stopped, and a failure while
     evaluating or saving leaves the pruned blocks there; the default folder is
-    removed once everything succeeded. Returns the report dict (also written to
-    ``report`` when given).
+    removed once everything succeeded. The checkpoint and ``save_model`` folders are locked
+    for the call (:mod:`optima_plugin.lock`): another run on them raises
+    :class:`~optima_plugin.lock.RunLocked`. A failed write of an output or a checkpoint file
+    raises :class:`~optima_plugin.checkpoint.WriteFailed` (an ``OSError``) naming it. Returns
+    the report dict (also written to ``report`` when given).
 
     ``model`` may be a :class:`~optima_plugin.streaming.StreamedModel`
     (:func:`~optima_plugin.streaming.open_streamed`): its blocks are read from disk one at
@@ -55,7 +59,6 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     if job is not None:
         check_options(options, job)
         progress = progress and job.is_main()
-    main = job is None or job.is_main()
     stream = model if isinstance(model, StreamedModel) else None
     if stream is not None:
         options["stream"] = True
@@ -72,6 +75,14 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
         require_matplotlib()
     if config.eval_zero_shot and not config.eval_dense:
         check_tasks(config.eval_zero_shot, config.tasks_dir)  # fail before the prune, not after it
+    with exclusive_run(config, job.rank if job is not None else None):  # one run at a time on these folders
+        return _run(model, stream, tokenizer, config, job, progress)
+
+
+def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: PruneConfig, job,
+         progress: bool) -> dict:
+    """:func:`prune`'s work once its options are checked and its folders locked."""
+    main = job is None or job.is_main()
     ppl: dict = {}
     zero_shot: dict = {}
     evaluated = stream if stream is not None else model
@@ -100,30 +111,35 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
                 report["zero_shot"] = zero_shot
             if config.save_model:
                 protected = [config.model_path] if config.model_path else []
-                if stream is not None:
-                    stream.save(config.save_model, tokenizer, overwrite=config.overwrite,
-                                protected=protected + [str(stream.directory)])
-                elif config.save_format == "compressed-tensors":
-                    from .export import save_compressed
+                with _writing("--save_model", config.save_model, config):
+                    if stream is not None:
+                        stream.save(config.save_model, tokenizer, overwrite=config.overwrite,
+                                    protected=protected + [str(stream.directory)])
+                    elif config.save_format == "compressed-tensors":
+                        from .export import save_compressed
 
-                    save_compressed(model, tokenizer, config.save_model, overwrite=config.overwrite,
-                                    protected=protected,
-                                    pruned=[x["name"] for x in report["layers"] if x.get("sparsity", 0) > 0])
-                else:
-                    save_model(model, tokenizer, config.save_model, overwrite=config.overwrite, protected=protected)
+                        save_compressed(model, tokenizer, config.save_model, overwrite=config.overwrite,
+                                        protected=protected,
+                                        pruned=[x["name"] for x in report["layers"] if x.get("sparsity", 0) > 0])
+                    else:
+                        save_model(model, tokenizer, config.save_model, overwrite=config.overwrite,
+                                   protected=protected)
                 report["saved_to"] = str(config.save_model)
             if config.save_masks:
-                count = save_masks(_pruned_masks(model, stream, report["layers"]), config.save_masks)
+                with _writing("--save_masks", config.save_masks, config):
+                    count = save_masks(_pruned_masks(model, stream, report["layers"]), config.save_masks)
                 report["masks_saved_to"] = str(config.save_masks)
                 log.info("%d masks (True = pruned) written to %s", count, config.save_masks)
             if config.report:
-                write_json(config.report, report)
+                with _writing("--report", config.report, config):
+                    write_json(config.report, report)
             if config.plot:
                 from .plot import plot_report
 
-                plot_report(report, config.plot)
-        except BaseException:
-            if config.checkpoint_dir:
+                with _writing("--plot", config.plot, config):
+                    plot_report(report, config.plot)
+        except BaseException as e:
+            if config.checkpoint_dir and not isinstance(e, WriteFailed):  # a WriteFailed says it itself
                 log.error("the pruned model is kept in %s: run the same command again to evaluate and save it "
                           "without pruning again", config.checkpoint_dir)
             raise
@@ -147,6 +163,22 @@ def _pruned_masks(model: nn.Module, stream: Optional[StreamedModel], layers: lis
     pruned = stream.pruned()
     for x in layers:
         yield x["name"], pruned.tensor(x["name"] + ".weight") == 0
+
+
+@contextmanager
+def _writing(flag: str, path: str, config: PruneConfig) -> Iterator[None]:
+    """Turn a failed write of an output (disk full, file size limit) into one line (:class:`WriteFailed`)
+    naming it, what to do and where the pruned model is kept."""
+    try:
+        yield
+    except Exception as e:
+        why = write_failure(e)
+        if why is None:
+            raise
+        kept = (f"the pruned model is kept in {config.checkpoint_dir}: run the same command again (it does not "
+                "prune again)") if config.checkpoint_dir else \
+            "the pruned model was not kept (no checkpoint folder): run again"
+        raise WriteFailed(f"{flag} {path}: writing failed ({why}); free space or check the folder; {kept}") from e
 
 
 @contextmanager

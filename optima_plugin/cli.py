@@ -342,8 +342,11 @@ def _main(argv: list, rank: Optional[int]) -> int:
             from .plot import require_matplotlib
 
             require_matplotlib()
-        model, tokenizer = _load(source, gguf_file, args.dtype, config.stream)
-        report = prune(model, tokenizer, progress=not args.quiet, **options)
+        from .lock import exclusive_run
+
+        with exclusive_run(config, rank):  # before the load: a second run on these folders refuses at once
+            model, tokenizer = _load(source, gguf_file, args.dtype, config.stream)
+            report = prune(model, tokenizer, progress=not args.quiet, **options)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
             ImportError, torch.linalg.LinAlgError) as e:
         print(f"optima-prune: {where}error: {e}", file=sys.stderr)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .allocators import AllocationContext, resolve_layer_ratios, row_summary
-from .checkpoint import Checkpoint, RunInterrupted, run_identity, stop_after_block
+from .checkpoint import Checkpoint, RunInterrupted, WriteFailed, run_identity, stop_after_block
 from .compress import Compression
 from .config import PruneConfig
 from .damping import HOLDOUT_EVERY, is_auto, layer_inputs
@@ -195,7 +195,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         pattern.check_columns(lin.in_features, name)
     if hasattr(selector, "prepare"):  # e.g. ``file``: its masks matched to the linears before any calibration
         selector.prepare(config, linears, blocks_path(adapter))
-    checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), model), dist) \
+    checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), model, stream), dist) \
         if config.checkpoint_dir else None
     resume = checkpoint.load() if checkpoint else None
     start = resume.next_block if resume else 0
@@ -344,8 +344,9 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
             report["distributed"] = distributed_summary(dist, report["timings"], pipe.inputs.shape[0])
         pm.hook.optima_run_done(report=report)
         return report
-    except Exception:
-        if checkpoint is not None and (checkpoint.dir / "state.json").exists() and (dist is None or dist.is_main()):
+    except Exception as e:
+        if checkpoint is not None and (checkpoint.dir / "state.json").exists() and (dist is None or dist.is_main()) \
+                and not isinstance(e, WriteFailed):  # a WriteFailed says which blocks are kept
             log.error("the finished blocks are saved in %s; fix the problem and run the same command to resume",
                       config.checkpoint_dir)
         raise

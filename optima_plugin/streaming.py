@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -226,9 +226,19 @@ class StreamedModel:
         start = f"{self.prefix}.{index}."
         tensors = {start + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
         path = self.staging / shard_name(index, self.num_shards)
-        self.staging.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+        except (OSError, SafetensorError) as e:
+            from .checkpoint import STATE, WriteFailed, write_failure
+
+            why = write_failure(e)
+            if why is None:
+                raise
+            kept = f"; the finished blocks are kept in {self.staging}" if (self.staging / STATE).is_file() else ""
+            raise WriteFailed(f"writing {path} failed ({why}); free space or check the folder, then run the same "
+                              f"command again{kept}") from e
         return path
 
     def tensor(self, name: str) -> Tensor:
