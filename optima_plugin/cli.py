@@ -342,6 +342,9 @@ def _main(argv: list, rank: Optional[int]) -> int:
             from .plot import require_matplotlib
 
             require_matplotlib()
+        from .export import check_group_widths_before_load
+
+        check_group_widths_before_load(config, source, gguf_file)  # --save_format compressed-tensors: --group_size
         model, tokenizer = _load(source, gguf_file, args.dtype, config.stream)
         report = prune(model, tokenizer, progress=not args.quiet, **options)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
