@@ -105,7 +105,8 @@ def check_dataset(source: str, flag: str) -> None:
     if not text_files(path) or (path.is_file() and path.suffix not in TEXT_SUFFIXES):
         raise ValueError(f"{flag} {source}: no .txt, .json or .jsonl file there")
     if not any(_checked_file(f, flag) for f in text_files(path)):
-        raise ValueError(f"{flag} {source}: no text in it (empty files, or .json/.jsonl without a 'text' field)")
+        raise ValueError(f"no text found in {source} (given to {flag}: empty files, or .json/.jsonl without a "
+                         "'text' field)")
 
 
 def _checked_file(file: Path, flag: str) -> bool:
@@ -154,7 +155,7 @@ def _local_texts(path: Path, flag: str = "dataset") -> list[str]:
         log.info("text from %d file(s) under %s: %s", len(files), path, shown)
     texts = [t for f in files for t in _file_texts(f, flag)]
     if not any(t.strip() for t in texts):
-        raise ValueError(f"no text found in {path} (given to {flag}; expected .txt, or .json/.jsonl with a "
+        raise ValueError(f"no text found in {path} (given to {flag}: empty files, or .json/.jsonl without a "
                          "'text' field)")
     return texts
 
