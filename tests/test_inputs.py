@@ -322,37 +322,48 @@ def test_gguf_layer_widths_from_its_metadata():
 # -- item 15: the saved model keeps its use_cache -------------------------------------------------
 
 
-def _forward_lengths(folder: Path) -> tuple[list[int], bool]:
-    """Sequence lengths the embedding sees while ``generate`` makes 4 tokens, and the config's use_cache."""
+def _cache_use(folder: Path) -> tuple[list[int], bool]:
+    """``(sequence lengths the embedding sees while generate makes 4 tokens, whether a plain forward returns
+    a KV cache)`` of the model saved in ``folder``."""
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     lengths = []
     model.model.embed_tokens.register_forward_hook(lambda m, args, out: lengths.append(args[0].shape[1]))
     prompt = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
-    return lengths, model.config.use_cache
+        generated = list(lengths)
+        cached = model(prompt).past_key_values is not None  # forward's default is config.use_cache
+    return generated, cached
 
 
 def test_saved_model_generates_with_its_kv_cache(model_dir, tmp_path):
     model, tok = load_model(str(model_dir))
     assert model.config.use_cache is False  # off while the tool runs
     prune(model, tok, save_model=str(tmp_path / "out"), weight_update="none", **FAST)
-    lengths, use_cache = _forward_lengths(tmp_path / "out")
-    # with a KV cache, the prompt (5 tokens) once, then one new token per step
-    assert use_cache is True and lengths == [5, 1, 1, 1], lengths
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
+    lengths, cached = _cache_use(tmp_path / "out")
+    # with a KV cache: the prompt (5 tokens) once, then one new token per step; a forward returns its cache
+    assert lengths == [5, 1, 1, 1] and cached, (lengths, cached)
 
 
 def test_streamed_and_compressed_saves_keep_use_cache(model_dir, tmp_path):
     stream, tok = open_streamed(str(model_dir))
     prune(stream, tok, save_model=str(tmp_path / "streamed"), weight_update="none", **FAST)
     assert json.loads((tmp_path / "streamed" / "config.json").read_text())["use_cache"] is True
-    assert _forward_lengths(tmp_path / "streamed")[0] == [5, 1, 1, 1]
+    assert _cache_use(tmp_path / "streamed") == ([5, 1, 1, 1], True)
     pytest.importorskip("compressed_tensors")
     from optima_plugin.export import save_compressed
 
     model, tok = load_model(str(model_dir))
     save_compressed(model, tok, str(tmp_path / "ct"))
     assert json.loads((tmp_path / "ct" / "config.json").read_text())["use_cache"] is True
+
+
+def test_a_model_saved_without_cache_stays_so(tmp_path):
+    folder = _save(tmp_path / "nocache", tiny_model("llama"), use_cache=False)  # the model's own choice
+    model, tok = load_model(str(folder))
+    prune(model, tok, save_model=str(tmp_path / "out"), weight_update="none", **FAST)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is False
 
 
 # -- item 16: unreadable inputs named with their flag; the CUDA shim leaves the mode stack -------
