@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpoint
 from .config import PruneConfig
-from .distributed import check_options, setup as join_job
 from .data import get_eval_tokens
+from .distributed import check_options, setup as join_job
 from .engine import prune_model, resolve_device
 from .evaluation import eval_ppl, eval_zero_shot
 from .evaluation.perplexity import perplexity_of_tokens, perplexity_streamed

@@ -122,8 +122,8 @@ def check_checkpoint_keys(where: str, missing: Sequence[str], unexpected: Sequen
             problems.append(f"{what.format(len(keys))}: {', '.join(keys[:SHOWN_KEYS])}{more}")
     if problems:
         raise ValueError(f"--model {where}: the checkpoint does not match the model its config describes: it "
-                         f"{'; it '.join(problems)} (was config.json edited, or a weights file replaced?); give a complete, "
-                         "matching checkpoint")
+                         f"{'; it '.join(problems)} (was config.json edited, or a weights file replaced?); give a "
+                         "complete, matching checkpoint")
 
 
 def check_loading_info(info: dict, model, where: str) -> None:

@@ -117,7 +117,7 @@ class MaskFile:
         if self.layout == "ours":
             return self._unpacked(key, value)
         if value.dtype != torch.bool:
-            if value.is_complex() or not bool(((value == 0) | (value == 1)).all()):
+            if not bool(((value == 0) | (value == 1)).all()):
                 bad = value[(value != 0) & (value != 1)].flatten()[0].item()
                 raise ValueError(f"--mask_checkpoint {self.path}: {key} holds values other than 0 and 1 "
                                  f"(e.g. {bad}); a mask must be boolean or 0/1")

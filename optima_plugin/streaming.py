@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .files import atomic_path, write_json
-from .loading import check_checkpoint_keys, disable_use_cache, tied_keys
+from .loading import check_checkpoint_keys, disable_use_cache, restore_use_cache, tied_keys
 from .memory import release_freed_memory
 from .models import ModelAdapter, get_adapter
 
@@ -144,7 +144,7 @@ def gguf_to_safetensors(directory: str, gguf_file: str, dtype: torch.dtype) -> P
     The folder is named after the file and keyed by its path, size, time and ``dtype``;
     it is written to a temporary sibling and renamed, so a crash never leaves half of it.
     """
-    from .loading import load_model, restore_use_cache
+    from .loading import load_model
 
     source = (Path(directory) / gguf_file).resolve()
     st = source.stat()
@@ -260,7 +260,7 @@ class StreamedModel:
         """Save the pruned model: the staged block shards, a shard of everything else, the index,
         config, generation config, tokenizer (all-or-nothing, see
         :func:`~optima_plugin.loading.install_directory`)."""
-        from .loading import install_directory, restore_use_cache
+        from .loading import install_directory
 
         missing = [i for i in range(len(self.adapter.blocks)) if not self.has_block(i)]
         if missing:
