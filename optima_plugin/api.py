@@ -15,10 +15,13 @@ from torch import Tensor, nn
 
 from .checkpoint import Checkpoint, WriteFailed, write_failure
 from .config import PruneConfig
+from .data import get_eval_tokens
 from .distributed import check_options, setup as join_job
 from .engine import prune_model, resolve_device
 from .evaluation import eval_ppl, eval_zero_shot
+from .evaluation.perplexity import perplexity_of_tokens, perplexity_streamed
 from .evaluation.zero_shot import check_tasks
+from .export import check_group_widths, linear_widths
 from .files import write_json
 from .loading import save_model
 from .lock import exclusive_run
@@ -83,11 +86,14 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
          progress: bool) -> dict:
     """:func:`prune`'s work once its options are checked and its folders locked."""
     main = job is None or job.is_main()
+    if config.save_format == "compressed-tensors":  # --group_size against the layer shapes
+        check_group_widths(config, linear_widths(model, config.skip_attention))
+    eval_tokens = _eval_tokens(tokenizer, config) if main else {}  # every --eval_ppl text, before the prune
     ppl: dict = {}
     zero_shot: dict = {}
     evaluated = stream if stream is not None else model
     if main and config.eval_dense and config.eval_ppl:
-        ppl["dense"] = _evaluate(evaluated, tokenizer, config, progress)
+        ppl["dense"] = _evaluate(evaluated, eval_tokens, config, progress)
     if main and config.eval_dense and config.eval_zero_shot:
         zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
     if job is not None:
@@ -104,7 +110,7 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
         try:
             if config.eval_ppl:
                 evaluated = stream.pruned() if stream is not None else model
-                ppl["pruned"] = _evaluate(evaluated, tokenizer, config, progress)
+                ppl["pruned"] = _evaluate(evaluated, eval_tokens, config, progress)
                 report["ppl"] = ppl
             if config.eval_zero_shot:
                 zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
@@ -201,11 +207,18 @@ def _staging(stream: Optional[StreamedModel], config: PruneConfig) -> Iterator[N
         shutil.rmtree(stream.staging, ignore_errors=True)  # created above: all ours
 
 
-def _evaluate(model, tokenizer, config: PruneConfig, progress: bool = True) -> dict:
+def _eval_tokens(tokenizer, config: PruneConfig) -> dict:
+    """``{--eval_ppl source: (1, N) tokens}``: every evaluation text read, decoded, tokenized and checked to
+    fill a window (``ValueError`` naming the file and the flag), once, before the prune."""
+    return {ds: get_eval_tokens(ds, tokenizer, config.seqlen, "--eval_ppl") for ds in config.eval_ppl}
+
+
+def _evaluate(model, tokens: dict, config: PruneConfig, progress: bool = True) -> dict:
     # Runs where the model's weights are (on CPU after an offloaded prune); a streamed model block by block.
     device = resolve_device(config.device) if isinstance(model, StreamedModel) else None
-    return {ds: eval_ppl(model, tokenizer, ds, config.seqlen, max_windows=config.eval_max_windows,
-                         batch_size=config.eval_batch_size, device=device, progress=progress)
+    measure = perplexity_streamed if isinstance(model, StreamedModel) else perplexity_of_tokens
+    return {ds: measure(model, tokens[ds], config.seqlen, max_windows=config.eval_max_windows,
+                        batch_size=config.eval_batch_size, device=device, progress=progress)
             for ds in config.eval_ppl}
 
 
@@ -266,19 +279,28 @@ def prune_and_quantize(
     variant and JSQ method, which this package does not have (accepted, without effect);
     ``scale_important_weights`` scales the most activated input columns before quantizing
     (AWQ-style, :mod:`optima_plugin.quantizers.scaling`).
+
+    A :func:`prune` keyword that a parameter here also sets must agree with it, defaults included
+    (``lowrank`` with ``slim_lora``, ``group_size`` with ``weight_tiled_quantization``, ``quantizer``
+    with ``slim_quant=True``, ``mask_convention`` with ``prune_method="maskllm"``, ``weight_update``
+    with ``update_weights``, ``solver`` with ``use_qp_solver``): ``ValueError`` naming both otherwise.
     """
     if not quantize_weight and (slim_quant or weight_tiled_quantization or scale_important_weights):
         raise ValueError("slim_quant / weight_tiled_quantization / scale_important_weights choose how weights are "
                          "quantized: "
                          "add quantize_weight=True, or drop them")
     if quantize_weight:
-        options.setdefault("quantizer", "slim" if slim_quant else "gptq" if prune_method == "sparsegpt" else "absmax")
-        options.update(quantize_weight=True, group_size=weight_tile_size if weight_tiled_quantization else 0,
-                       scale_important_weights=scale_important_weights)
+        if slim_quant:
+            _seed_option(options, "quantizer", "slim", "slim_quant=True")
+        options.setdefault("quantizer", "gptq" if prune_method == "sparsegpt" else "absmax")
+        tiles = (f"weight_tiled_quantization=True, weight_tile_size={weight_tile_size}" if weight_tiled_quantization
+                 else "weight_tiled_quantization=False")
+        _seed_option(options, "group_size", weight_tile_size if weight_tiled_quantization else 0, tiles)
+        options.update(quantize_weight=True, scale_important_weights=scale_important_weights)
     if lora_rank:
-        options.update(lora_rank=lora_rank, lowrank="slim" if slim_lora else "exact", separate_lora=separate_lora,
-                       quantize_lora=quantize_lora, prune_lora=prune_lora, lora_tile_size=lora_tile_size,
-                       pad_lora=pad_lora)
+        _seed_option(options, "lowrank", "slim" if slim_lora else "exact", f"slim_lora={slim_lora}")
+        options.update(lora_rank=lora_rank, separate_lora=separate_lora, quantize_lora=quantize_lora,
+                       prune_lora=prune_lora, lora_tile_size=lora_tile_size, pad_lora=pad_lora)
     elif prune_lora or quantize_lora or pad_lora:
         raise ValueError("prune_lora / quantize_lora / pad_lora shape the low-rank adapters: set lora_rank > 0, "
                          "or drop them")
@@ -292,16 +314,27 @@ def prune_and_quantize(
             raise ValueError(f"mask_checkpoint is read by prune_method='maskllm' (or 'file'), not {prune_method!r}")
         if not mask_checkpoint:
             raise ValueError("prune_method='maskllm' reads its masks from mask_checkpoint=PATH; give the file")
-        options = {"mask_convention": "kept" if prune_method == "maskllm" else None, **options}
+        if prune_method == "maskllm":
+            _seed_option(options, "mask_convention", "kept", "prune_method='maskllm'")
+        options.setdefault("mask_convention", None)
         prune_method, options["mask_checkpoint"] = "file", mask_checkpoint
+    _seed_option(options, "weight_update", "optima" if update_weights else "native", f"update_weights={update_weights}")
+    _seed_option(options, "solver", "pcg" if use_qp_solver else "adam", f"use_qp_solver={use_qp_solver}")
     return prune(
         model, tokenizer, prune_method=prune_method, sparsity_ratio=sparsity_ratio,
         sparsity_type=sparsity_type, nsamples=nsamples, seed=seed, seqlen=seqlen,
         calibration_dataset=calibration_dataset, skip_attention=skip_attention,
-        double_precision=double_precision,
-        weight_update="optima" if update_weights else "native",
-        solver="pcg" if use_qp_solver else "adam", **options,
+        double_precision=double_precision, **options,
     )
+
+
+def _seed_option(options: dict, name: str, value, given: str) -> None:
+    """Set ``options[name]`` to ``value``, what the seed keyword(s) ``given`` mean; ``ValueError`` naming both
+    when the caller passed ``name=`` with another value (an explicit keyword is never silently overridden)."""
+    if name in options and options[name] != value:
+        raise ValueError(f"{name}={options[name]!r} conflicts with {given} (which means {name}={value!r}): "
+                         f"drop {name}= or change {given.split('=')[0]}")
+    options[name] = value
 
 
 __all__ = ["check_sparsity", "eval_ppl", "eval_zero_shot", "prune", "prune_and_quantize"]

@@ -342,8 +342,10 @@ def _main(argv: list, rank: Optional[int]) -> int:
             from .plot import require_matplotlib
 
             require_matplotlib()
+        from .export import check_group_widths_before_load
         from .lock import exclusive_run
 
+        check_group_widths_before_load(config, source, gguf_file)  # --save_format compressed-tensors: --group_size
         with exclusive_run(config, rank):  # before the load: a second run on these folders refuses at once
             model, tokenizer = _load(source, gguf_file, args.dtype, config.stream)
             report = prune(model, tokenizer, progress=not args.quiet, **options)

@@ -28,6 +28,7 @@ import math
 import os
 import random
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -88,9 +89,11 @@ def text_files(path: Path) -> list[Path]:
 
 
 def check_dataset(source: str, flag: str) -> None:
-    """``ValueError`` naming ``flag`` unless ``source`` is a built-in name or an existing text path.
+    """``ValueError`` naming ``flag`` unless ``source`` is a built-in name or an existing text path
+    whose files are all readable UTF-8 text (JSON: ``text`` records) holding some text.
 
-    Cheap (no tokenizing, no download): run before the model loads.
+    No tokenizing, no download: run before the model loads. A local path's files are read
+    and decoded here (once per file version, see :func:`_checked_file`).
     """
     if source in BUILTIN:
         return
@@ -101,28 +104,59 @@ def check_dataset(source: str, flag: str) -> None:
         raise ValueError(f"{flag} {source!r} is neither one of {', '.join(BUILTIN)} nor an existing local path")
     if not text_files(path) or (path.is_file() and path.suffix not in TEXT_SUFFIXES):
         raise ValueError(f"{flag} {source}: no .txt, .json or .jsonl file there")
+    if not any(_checked_file(f, flag) for f in text_files(path)):
+        raise ValueError(f"no text found in {source} (given to {flag}: empty files, or .json/.jsonl without a "
+                         "'text' field)")
 
 
-def _local_texts(path: Path) -> list[str]:
+def _checked_file(file: Path, flag: str) -> bool:
+    """Whether ``file`` holds any text; ``ValueError`` naming ``flag`` and ``file`` when it cannot be read
+    as UTF-8 (or its JSON does not parse). Cached by path, size and modification time."""
+    st = file.stat()
+    return _file_has_text(str(file.resolve()), st.st_size, st.st_mtime_ns, flag)
+
+
+@lru_cache(maxsize=256)
+def _file_has_text(file: str, size: int, mtime_ns: int, flag: str) -> bool:
+    return any(t.strip() for t in _file_texts(Path(file), flag))
+
+
+def _file_texts(f: Path, flag: str) -> list[str]:
+    """The texts of one ``.txt`` / ``.json`` / ``.jsonl`` file; ``ValueError`` naming ``flag`` and ``f``."""
+    try:
+        raw = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{flag} {f}: not UTF-8 text ({err.reason} at byte {err.start}); convert it to "
+                         "UTF-8 (e.g. iconv -t utf-8)") from None
+    except OSError as err:
+        raise ValueError(f"{flag} {f}: cannot be read ({err.strerror or err})") from None
+    if f.suffix == ".txt":
+        return [raw]
+    lines = raw.splitlines()
+    try:
+        records = [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError:
+        try:
+            records = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{flag} {f}: neither JSON Lines nor a JSON document ({err.msg} at line "
+                             f"{err.lineno}, column {err.colno})") from None
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list):
+        return []
+    return [r["text"] for r in records if isinstance(r, dict) and isinstance(r.get("text"), str)]
+
+
+def _local_texts(path: Path, flag: str = "dataset") -> list[str]:
     files = text_files(path)
     if path.is_dir():
         shown = ", ".join(str(f.relative_to(path)) for f in files[:3]) + (", ..." if len(files) > 3 else "")
         log.info("text from %d file(s) under %s: %s", len(files), path, shown)
-    texts = []
-    for f in files:
-        if f.suffix == ".txt":
-            texts.append(f.read_text(encoding="utf-8"))
-        elif f.suffix in (".json", ".jsonl"):
-            lines = f.read_text(encoding="utf-8").splitlines()
-            try:
-                records = [json.loads(line) for line in lines if line.strip()]
-            except json.JSONDecodeError:
-                records = json.loads("\n".join(lines))
-            if isinstance(records, dict):
-                records = [records]
-            texts.extend(r["text"] for r in records if isinstance(r, dict) and "text" in r)
-    if not texts:
-        raise ValueError(f"no text found in {path} (expected .txt, or .json/.jsonl with a 'text' field)")
+    texts = [t for f in files for t in _file_texts(f, flag)]
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"no text found in {path} (given to {flag}: empty files, or .json/.jsonl without a "
+                         "'text' field)")
     return texts
 
 
@@ -180,22 +214,23 @@ def load_wikitext2(split: str) -> list[str]:
     return list(ds["text"])
 
 
-def _joined_source_tokens(source: str, tokenizer) -> torch.Tensor:
+def _joined_source_tokens(source: str, tokenizer, flag: str) -> torch.Tensor:
     if source in BUILTIN_TEXTS:
         text = BUILTIN_TEXTS[source]()
     else:
         path = Path(source)
         if not source.strip() or not path.exists():
             raise FileNotFoundError(
-                f"dataset {source!r} is neither one of {', '.join(BUILTIN)} nor an existing local path"
+                f"{flag} {source!r} is neither one of {', '.join(BUILTIN)} nor an existing local path"
             )
-        text = "\n\n".join(_local_texts(path))
+        text = "\n\n".join(_local_texts(path, flag))
     return tokenizer(text, return_tensors="pt").input_ids[0]
 
 
 def _random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, what: str) -> torch.Tensor:
     if ids.numel() <= seqlen:
-        raise ValueError(f"{what} has {ids.numel()} tokens, too few for --seqlen {seqlen}")
+        raise ValueError(f"--calibration_dataset: {what} has {ids.numel()} tokens, too few for --seqlen {seqlen}; "
+                         "give more text or a smaller --seqlen")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
@@ -222,7 +257,7 @@ def _single_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed
     if source == "wikitext2":
         ids = tokenizer("\n\n".join(load_wikitext2("train")), return_tensors="pt").input_ids[0]
         return _random_windows(ids, nsamples, seqlen, seed, "wikitext2 train")
-    ids = _joined_source_tokens(source, tokenizer)
+    ids = _joined_source_tokens(source, tokenizer, "--calibration_dataset")
     head = ids[: int(CALIBRATION_SHARE * ids.numel())]
     return _random_windows(head, nsamples, seqlen, seed, f"the first 80% of {source}")
 
@@ -321,13 +356,22 @@ def get_calibration(source: str, tokenizer, nsamples: int, seqlen: int, seed: in
     return torch.stack([parts[s][j] for s, j in interleave_order([c for _, c in shares])])
 
 
-def get_eval_tokens(source: str, tokenizer, seqlen: int = 2048) -> torch.Tensor:
-    """``(1, N)`` int64 evaluation tokens of ``source`` (held-out last 20% for pydoc/sherlock/local text)."""
+def get_eval_tokens(source: str, tokenizer, seqlen: int = 2048, flag: Optional[str] = None) -> torch.Tensor:
+    """``(1, N)`` int64 evaluation tokens of ``source`` (held-out last 20% for pydoc/sherlock/local text).
+
+    With ``flag`` (``--eval_ppl``): ``ValueError`` naming it and ``source`` when the tokens do not
+    fill one window of ``seqlen``.
+    """
     if source == "c4":
         # Wanda: the first 1100 validation documents joined by spaces, first 256 windows.
         ids = tokenizer(" ".join(load_c4("validation")[:1100]), return_tensors="pt").input_ids
-        return ids[:, : 256 * seqlen]
-    if source == "wikitext2":
-        return tokenizer("\n\n".join(load_wikitext2("test")), return_tensors="pt").input_ids
-    ids = _joined_source_tokens(source, tokenizer)
-    return ids[int(CALIBRATION_SHARE * ids.numel()) :].unsqueeze(0)
+        ids, what = ids[:, : 256 * seqlen], "c4 validation"
+    elif source == "wikitext2":
+        ids, what = tokenizer("\n\n".join(load_wikitext2("test")), return_tensors="pt").input_ids, "wikitext2 test"
+    else:
+        ids = _joined_source_tokens(source, tokenizer, flag or "--eval_ppl")
+        ids, what = ids[int(CALIBRATION_SHARE * ids.numel()) :].unsqueeze(0), f"the last 20% of {source}"
+    if flag is not None and ids.shape[1] < seqlen:
+        raise ValueError(f"{flag} {source}: {what} has {ids.shape[1]} tokens, fewer than one window of --seqlen "
+                         f"{seqlen}; give more text or a smaller --seqlen")
+    return ids

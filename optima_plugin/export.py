@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .loading import install_directory
+from .loading import install_directory, restore_use_cache
 from .quantizers.base import QuantState, quant_state
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,69 @@ def require_compressed_tensors() -> None:
     except ImportError as e:
         raise ImportError(f"--save_format compressed-tensors needs the compressed-tensors library: "
                           f"{INSTALL_HINT}") from e
+
+
+def linear_widths(model: nn.Module, skip_attention: bool = False) -> dict[str, int]:
+    """``{full name: input width}`` of the linears a run prunes (and quantizes) in ``model``, which may be
+    a skeleton on the meta device."""
+    from .models import block_linears, get_adapter, is_attention
+
+    adapter = get_adapter(model)
+    prefix = next(name for name, module in model.named_modules() if module is adapter.blocks)
+    return {f"{prefix}.{i}.{rel}": lin.in_features for i, block in enumerate(adapter.blocks)
+            for rel, lin in block_linears(block).items() if not (skip_attention and is_attention(rel))}
+
+
+def config_linear_widths(source: str, gguf_file: Optional[str] = None,
+                         skip_attention: bool = False) -> Optional[dict[str, int]]:
+    """:func:`linear_widths` of the model ``source`` describes (its ``config.json``, or the GGUF file's
+    metadata), built on the meta device: no weight is read. None when the config cannot be read
+    (e.g. a hub id offline): the loaded model is checked instead."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+        return linear_widths(skeleton, skip_attention)
+    except Exception as err:  # noqa: BLE001 - whatever fails here fails again, with its own message, at the load
+        log.debug("no layer shapes from the config of %s before loading (%s: %s)", source, type(err).__name__, err)
+        return None
+
+
+def _checked_group_size(config) -> int:
+    """The ``--group_size`` that ``--save_format compressed-tensors`` needs to divide every quantized
+    linear's input width; 0 when there is nothing to check."""
+    opt = config.option
+    if config.save_format != "compressed-tensors" or not opt("quantize_weight"):
+        return 0
+    return max(int(opt("group_size") or 0), 0)
+
+
+def check_group_widths(config, widths: Optional[dict[str, int]]) -> None:
+    """``ValueError`` before any work when ``--save_format compressed-tensors`` could not store the run's
+    quantized weights: ``--group_size`` must divide the input width of every linear it quantizes
+    (compressed-tensors and vLLM's kernels need whole groups). ``widths``: :func:`linear_widths`
+    (None: not known yet, nothing checked)."""
+    group = _checked_group_size(config)
+    bad = {name: d for name, d in (widths or {}).items() if group and group < d and d % group}
+    if not bad:
+        return
+    name, d = next(iter(bad.items()))
+    common = math.gcd(*widths.values())
+    hint = f"e.g. --group_size {common & -common}, " if common & -common > 1 else ""
+    raise ValueError(f"--group_size {group} does not divide the {d} inputs of {name} ({len(bad)} of the "
+                     f"{len(widths)} linears to quantize), which --save_format compressed-tensors needs (whole "
+                     f"groups): give a --group_size dividing every input width ({hint}widths "
+                     f"{', '.join(map(str, sorted(set(widths.values()))))}), or use --save_format hf")
+
+
+def check_group_widths_before_load(config, source: str, gguf_file: Optional[str] = None) -> None:
+    """:func:`check_group_widths` from the layer shapes ``source``'s config gives (before the weights load);
+    nothing is read when there is nothing to check."""
+    if _checked_group_size(config):
+        check_group_widths(config, config_linear_widths(source, gguf_file, config.skip_attention))
 
 
 def is_two_four(weight: Tensor) -> bool:
@@ -207,6 +271,7 @@ def save_compressed(model: nn.Module, tokenizer, directory: str, *, overwrite: b
     state, config = compressed_state(model, pruned)
 
     def write(tmp: Path) -> None:
+        restore_use_cache(model)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if config is not None:

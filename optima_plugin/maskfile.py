@@ -103,9 +103,10 @@ class MaskFile:
         return None
 
     def mask(self, key: str) -> Tensor:
-        """The bool mask (True = pruned) stored under ``key``; ``ValueError`` for values other than 0/1."""
+        """The bool mask (True = pruned) stored under ``key``; ``ValueError`` naming the file and ``key`` for
+        a packed mask that is not uint8 or not of its shape, or a plain one of values other than 0/1."""
         if self.layout == "trim":
-            return unpack(self._tensors[self._trim_info[key]["mask_key"]], self.shapes[key])
+            return self._unpacked(key, self._tensors[self._trim_info[key]["mask_key"]])
         if self._tensors is not None:
             value = self._tensors[key]
         else:
@@ -114,7 +115,7 @@ class MaskFile:
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
                 value = f.get_tensor(key)
         if self.layout == "ours":
-            return unpack(value, self.shapes[key])
+            return self._unpacked(key, value)
         if value.dtype != torch.bool:
             if not bool(((value == 0) | (value == 1)).all()):
                 bad = value[(value != 0) & (value != 1)].flatten()[0].item()
@@ -122,6 +123,15 @@ class MaskFile:
                                  f"(e.g. {bad}); a mask must be boolean or 0/1")
             value = value != 0
         return ~value if self._kept else value
+
+    def _unpacked(self, key: str, packed: Tensor) -> Tensor:
+        if packed.dtype != torch.uint8:
+            raise ValueError(f"--mask_checkpoint {self.path}: {key} is {str(packed.dtype).removeprefix('torch.')}, "
+                             "not the uint8 bits of a packed mask")
+        try:
+            return unpack(packed, self.shapes[key])
+        except ValueError as err:
+            raise ValueError(f"--mask_checkpoint {self.path}: {key}: {err}") from None
 
 
 def open_masks(path: str | Path, convention: Optional[str] = None) -> MaskFile:
@@ -145,8 +155,12 @@ def open_masks(path: str | Path, convention: Optional[str] = None) -> MaskFile:
         safetensors = False
     if safetensors and meta.get("format") == FORMAT:
         _self_describing(path, convention, "our --save_masks")
-        stored = json.loads(meta["shapes"])
-        return MaskFile(path, "ours", {k: tuple(stored[k]) for k in keys})
+        try:
+            stored = json.loads(meta.get("shapes", ""))
+            return MaskFile(path, "ours", {k: tuple(int(n) for n in stored[k]) for k in keys})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"--mask_checkpoint {path}: its 'shapes' metadata does not give every mask's shape "
+                             f"({type(err).__name__}: {err}); write the file again with --save_masks") from None
     if safetensors:
         return _plain(path, shapes, None, convention)
     try:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .files import atomic_path, write_json
+from .loading import check_checkpoint_keys, disable_use_cache, restore_use_cache, tied_keys
 from .memory import release_freed_memory
 from .models import ModelAdapter, get_adapter
 
@@ -72,8 +74,12 @@ def safetensors_files(directory: str | os.PathLike) -> dict[str, Path]:
     folder = Path(directory)
     index = folder / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return {name: folder / file for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # empty, not JSON, no weight_map
+            raise ValueError(f"--model {folder}: {INDEX} is not a safetensors index ({type(err).__name__}: {err}); "
+                             "it needs a JSON object with a \"weight_map\" of tensor name -> file") from err
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no *.safetensors files: streaming reads safetensors checkpoints "
@@ -153,6 +159,7 @@ def gguf_to_safetensors(directory: str, gguf_file: str, dtype: torch.dtype) -> P
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        restore_use_cache(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / _CONVERTED, {"source": str(source), "size": st.st_size, "dtype": str(dtype)})
@@ -270,6 +277,7 @@ class StreamedModel:
             raise RuntimeError(f"blocks {missing[:5]} have no pruned shard in {self.staging}: the prune did not finish")
 
         def write(tmp: Path) -> None:
+            restore_use_cache(self.model)
             weight_map, total = {}, 0
             for i in range(len(self.adapter.blocks)):
                 name = shard_name(i, self.num_shards)
@@ -362,7 +370,7 @@ def open_streamed(model: str, gguf_file: Optional[str] = None, dtype: torch.dtyp
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    skeleton.config.use_cache = False
+    disable_use_cache(skeleton)
     skeleton.eval()
     skeleton.name_or_path = str(directory)
     adapter = get_adapter(skeleton)
@@ -370,11 +378,9 @@ def open_streamed(model: str, gguf_file: Optional[str] = None, dtype: torch.dtyp
 
     stream = StreamedModel(skeleton, adapter, Path(directory), {}, prefix=blocks_path(adapter))
     sources, missing = _find_sources(skeleton, files)
-    tied = _tied_keys(skeleton)
-    absent = [k for k in missing if k not in tied]
-    if absent:
-        raise ValueError(f"{directory}: the checkpoint lacks {len(absent)} tensor(s) the model needs, e.g. "
-                         f"{', '.join(absent[:3])}; is it a complete {config.model_type} checkpoint?")
+    tied = tied_keys(skeleton)
+    check_checkpoint_keys(str(directory), [k for k in missing if k not in tied], _unused(skeleton, files, sources),
+                          _mismatched(skeleton, sources))
     stream.sources = sources
     start = f"{stream.prefix}."
     stream._block_keys = [[k for k in sources if k.startswith(f"{start}{i}.")] for i in range(len(adapter.blocks))]
@@ -390,9 +396,28 @@ def open_streamed(model: str, gguf_file: Optional[str] = None, dtype: torch.dtyp
     return stream, tokenizer
 
 
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that ``tie_weights`` fills from another (the head tied to the embeddings)."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return set()
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied) if isinstance(tied, (dict, list, tuple, set)) else set()
+def _unused(model: nn.Module, files: dict[str, Path], sources: dict) -> list[str]:
+    """The checkpoint's tensors no state-dict key reads, but those transformers ignores on load too (the
+    model's ``_keys_to_ignore_on_load_unexpected``, old ``rotary_emb.inv_freq`` and ``position_ids`` buffers)."""
+    used = {key for _, key in sources.values()}
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()) | {
+        r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"}
+    ignored = re.compile("|".join(f"({p})" for p in patterns))
+    return [k for k in files if k not in used and ignored.search(k) is None]
+
+
+def _mismatched(model: nn.Module, sources: dict) -> list[str]:
+    """``"name: shape in file vs shape in model"`` for every tensor whose file shape (its safetensors
+    header) differs from the model's."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (path, key) in sources.items():
+        by_file.setdefault(path, []).append((name, key))
+    out = []
+    for path, items in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name, key in items:
+                stored = list(f.get_slice(key).get_shape())
+                if stored != shapes[name]:
+                    out.append(f"{name}: {stored} vs {shapes[name]}")
+    return out

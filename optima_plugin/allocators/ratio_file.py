@@ -57,7 +57,11 @@ def load_layer_ratios(path: str, context: AllocationContext) -> dict:
         raise FileNotFoundError(f"--load_layer_ratio {path}: no such file")
     names = list(context.linears)
     if src.suffix.lower() == ".npy":
-        values = np.load(src).astype(np.float64).reshape(-1)
+        try:
+            values = np.load(src).astype(np.float64).reshape(-1)
+        except (ValueError, TypeError, OSError, EOFError) as err:  # empty, pickled, not numbers
+            raise ValueError(f"--load_layer_ratio {path}: not a .npy array of numbers ({type(err).__name__}: "
+                             f"{err})") from None
         blocks = [g for g in linears_by_block(context) if g]
         if values.size == len(names):
             return dict(zip(names, values.tolist()))
@@ -65,7 +69,10 @@ def load_layer_ratios(path: str, context: AllocationContext) -> dict:
             return {name: float(v) for v, group in zip(values, blocks) for name in group}
         raise ValueError(f"--load_layer_ratio {path} holds {values.size} ratios; expected {len(names)} "
                          f"(one per pruned linear) or {len(blocks)} (one per block)")
-    data = json.loads(src.read_text())
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # empty, not JSON, not UTF-8
+        raise ValueError(f"--load_layer_ratio {path}: not a JSON file ({type(err).__name__}: {err})") from None
     ratios = data.get("ratios", data) if isinstance(data, dict) else None
     if not isinstance(ratios, dict):
         raise ValueError(f"--load_layer_ratio {path}: expected a JSON object of {{linear name: ratio}}")

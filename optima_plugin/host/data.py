@@ -40,7 +40,7 @@ def split_text(source: str) -> tuple[str, str]:
         if not path.exists():
             raise FileNotFoundError(f"--host_data {source}: neither {' nor '.join(BUILTIN_TEXTS)} nor an existing "
                                     "file or folder")
-        text = "\n\n".join(_local_texts(path))
+        text = "\n\n".join(_local_texts(path, "--host_data"))
     cut = int(CALIBRATION_SHARE * len(text))
     while cut < len(text) and not text[cut].isspace():
         cut += 1

@@ -28,8 +28,8 @@ from ..plugins import collect_options, get_plugin_manager, registry
 from ..updaters import UpdateOptions
 from .plugin import OptimaMaskPlugin
 from .seam import HostSeam, SeamSettings
-from .shims import (SHIMS, CallDepth, CudaOnCpu, LoadOptions, add_position_embeddings, patch_from_pretrained,
-                    quiet_cuda_calls, removed_imports, tuple_outputs)
+from .shims import (SHIMS, CallDepth, CudaOnCpu, LoadOptions, add_position_embeddings, leave_mode,
+                    patch_from_pretrained, quiet_cuda_calls, removed_imports, tuple_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _install_steps(inst: Installation) -> None:
     if cpu_only:
         mode = CudaOnCpu()
         mode.__enter__()
-        inst._undo.append(lambda: mode.__exit__(None, None, None))
+        inst._undo.append(lambda: leave_mode(mode))  # not __exit__: that pops whatever mode is on top
         inst._undo.append(quiet_cuda_calls())
         log.info("optima-host: no CUDA GPU; the host's CUDA device runs on the CPU")
     if "removed_imports" not in options.no_shim:

@@ -79,6 +79,27 @@ class CudaOnCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def leave_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off torch's function-mode stack wherever it is (``mode.__exit__`` pops the top,
+    which is another mode when the host left its own entered): the modes above it stay, in order."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode, _push_mode
+
+    stack = _get_current_function_mode_stack()
+    if not any(m is mode for m in stack):
+        return
+    above = []
+    while True:
+        top = _pop_mode()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        _push_mode(m)
+    if above:
+        log.warning("optima-host: the host left %d torch function mode(s) entered (%s); they stay, the CUDA "
+                    "shim is removed from under them", len(above), ", ".join(type(m).__name__ for m in above))
+
+
 def cpu_device_map(device_map: Any) -> Any:
     """``from_pretrained``'s ``device_map`` with CUDA devices (names, ``torch.device``, GPU indices) on the CPU."""
     if isinstance(device_map, int) and not isinstance(device_map, bool):

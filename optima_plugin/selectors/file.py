@@ -47,7 +47,8 @@ class FileSelector:
         """Open ``--mask_checkpoint`` and match every linear to a mask of its shape (before calibration).
 
         ``linears``: the linears to prune by full name; ``prefix``: the blocks' path (``model.layers``).
-        ``ValueError`` naming the missing linears, the wrong shapes, or what the file lacks."""
+        Every matched mask is read and checked (0/1 values, packed size, the ``--sparsity_type`` pattern).
+        ``ValueError`` naming the missing linears, the wrong shapes, a bad mask, or what the file lacks."""
         path = config.option("mask_checkpoint")
         if not path:
             raise ValueError("--prune_method file reads its masks from --mask_checkpoint PATH; give the file")
@@ -72,6 +73,9 @@ class FileSelector:
         if wrong:
             raise ValueError(f"--mask_checkpoint {path}: {len(wrong)} mask(s) do not match their weight's shape "
                              f"({'; '.join(wrong[:3])}); give the mask file of this model")
+        pattern = config.pattern
+        for name, key in keys.items():  # every mask read and checked now, not when its block comes
+            _check_pattern(name, masks.mask(key), pattern)
         unused = len(masks.shapes) - len(set(keys.values()))
         log.info("masks from %s (%s layout) for %d linears%s; --sparsity_ratio is not used", path, masks.layout,
                  len(keys), f", {unused} other mask(s) in the file not used" if unused else "")
@@ -82,11 +86,17 @@ class FileSelector:
         if self.masks is None or name not in self.keys:
             raise RuntimeError(f"--prune_method file has no mask for {name!r}: prepare() was not called with it")
         pruned = self.masks.mask(self.keys[name]).to(weight.device)
-        if pattern.structured:
-            r, d = pruned.shape
-            groups = pruned.reshape(r, d // pattern.m, pattern.m).sum(-1)
-            if bool((groups < pattern.n).any()):
-                raise ValueError(f"{name}: the mask from --mask_checkpoint is not {pattern} (a group of "
-                                 f"{pattern.m} prunes fewer than {pattern.n}); drop --sparsity_type "
-                                 f"{pattern} or give {pattern} masks")
+        _check_pattern(name, pruned, pattern)
         return Selection(pruned, stats={"pruned": float(pruned.float().mean())})
+
+
+def _check_pattern(name: str, pruned: Tensor, pattern: Pattern) -> None:
+    """``ValueError`` when ``--sparsity_type`` is N:M and a group of M of ``pruned`` prunes fewer than N."""
+    if not pattern.structured:
+        return
+    r, d = pruned.shape
+    groups = pruned.reshape(r, d // pattern.m, pattern.m).sum(-1)
+    if bool((groups < pattern.n).any()):
+        raise ValueError(f"{name}: the mask from --mask_checkpoint is not {pattern} (a group of "
+                         f"{pattern.m} prunes fewer than {pattern.n}); drop --sparsity_type "
+                         f"{pattern} or give {pattern} masks")
