@@ -96,17 +96,27 @@ def default_checkpoint_dir(save_model: str) -> str:
 
 
 def _is_ours(directory: Path) -> bool:
-    """A checkpoint folder of this tool: its ``state.json`` says so, or (without one: a run killed before its
-    first block was recorded, or a removal cut short) it holds only files of the tool's own names."""
+    """A checkpoint folder of this tool: its ``state.json`` says so (written before any other file, see
+    :meth:`Checkpoint.begin`), or it holds nothing but temporary files of the tool's own writes (a run killed
+    while writing its first ``state.json``)."""
     if (directory / STATE).exists():
         try:
             return json.loads((directory / STATE).read_text()).get("marker") == MARKER
         except (OSError, ValueError, AttributeError):
             return False
     try:
-        return all(e.is_file() and not e.is_symlink() and _ours_name(e.name) for e in directory.iterdir())
+        return all(e.is_file() and not e.is_symlink() and _OUR_TMP.match(e.name) for e in directory.iterdir())
     except OSError:
         return False
+
+
+def blocks_done(directory: str | os.PathLike) -> int:
+    """How many blocks ``directory``'s checkpoint holds pruned (0 when none, or no checkpoint of this tool)."""
+    try:
+        state = read_state(directory)
+    except ValueError:
+        return 0
+    return state["next_block"] if state is not None else 0
 
 
 def _check_schema(state: dict) -> Optional[str]:
@@ -176,7 +186,7 @@ def check_checkpoint_files(directory: str) -> None:
     """``ValueError`` (one line) unless every file ``directory``'s ``state.json`` names is there and complete:
     the finished blocks (or streamed shards) and the next block's inputs. Call it with the folder locked."""
     state = read_state(directory)
-    if state is None:
+    if state is None or state["next_block"] == 0:  # no block recorded: nothing to check, cleared at the start
         return
     folder, done, total = Path(directory), state["next_block"], state["num_blocks"]
     for i in range(done):
@@ -354,13 +364,14 @@ class Checkpoint:
         main = self.dist is None or self.dist.is_main()
         if main:  # under the run's lock, before any rank writes: what a killed run left half-written
             self._remove_orphans()
-        if not (self.dir / STATE).is_file():
-            if main:  # nothing to resume from: files of a run killed before its first block, or a cut removal
+        state = read_state(self.dir)
+        if state is None and (self.dir / STATE).is_file():
+            raise ValueError(f"--checkpoint_dir {self.dir}: {STATE} was not written by this tool")
+        if state is None or state["next_block"] == 0:
+            # nothing to resume from: a run stopped in its first block, or a finished one whose removal was cut
+            if main:
                 self._remove_ours()
             return None
-        state = read_state(self.dir)
-        if state is None:
-            raise ValueError(f"--checkpoint_dir {self.dir}: {STATE} was not written by this tool")
         check_world_size(str(self.dir), self.world_size)
         saved = state["identity"]
         if saved != self.identity:
@@ -452,15 +463,31 @@ class Checkpoint:
         if self.dist is not None:
             self.dist.wait_for_main()  # every rank's inputs of block i+1 are on disk
         if main:
-            with self._writing(self.dir / STATE, i):
-                write_json(self.dir / STATE, {
-                    "marker": MARKER, "identity": self.identity, "next_block": i + 1, "num_blocks": num_blocks,
-                    "world_size": self.world_size, "ratios": ratios, "layers": layers,
-                    "block_seconds": block_seconds, "oom_backoff": oom_backoff,
-                })
+            self._write_state(i, next_block=i + 1, num_blocks=num_blocks, ratios=ratios, layers=layers,
+                              block_seconds=block_seconds, oom_backoff=oom_backoff)
         if self.dist is not None:
             self.dist.wait_for_main()  # state.json names block i+1: no rank needs its inputs of block i any more
         self._inputs(i).unlink(missing_ok=True)
+
+    def begin(self, num_blocks: int) -> None:
+        """Mark the folder as this run's checkpoint, with no block pruned yet, before any other file is written
+        (so a folder of this tool always holds its ``state.json``). Under torchrun rank 0 writes it."""
+        if self.dist is None or self.dist.is_main():
+            with self._writing(self.dir, 0):
+                self.dir.mkdir(parents=True, exist_ok=True)
+            self._write_state(0, next_block=0, num_blocks=num_blocks, ratios={}, layers=[], block_seconds=[],
+                              oom_backoff=[])
+        if self.dist is not None:
+            self.dist.wait_for_main()
+
+    def _write_state(self, i: int, *, next_block: int, num_blocks: int, ratios: dict, layers: list,
+                     block_seconds: list, oom_backoff: list) -> None:
+        with self._writing(self.dir / STATE, i):
+            write_json(self.dir / STATE, {
+                "marker": MARKER, "identity": self.identity, "next_block": next_block, "num_blocks": num_blocks,
+                "world_size": self.world_size, "ratios": ratios, "layers": layers, "block_seconds": block_seconds,
+                "oom_backoff": oom_backoff,
+            })
 
     @contextmanager
     def _writing(self, path: Path, i: int) -> Iterator[None]:
@@ -472,7 +499,7 @@ class Checkpoint:
             why = write_failure(e)
             if why is None:
                 raise
-            kept = f"blocks 0..{i - 1} are kept there" if i > 0 and (self.dir / STATE).is_file() else \
+            kept = f"blocks 0..{i - 1} are kept there" if i > 0 and blocks_done(self.dir) else \
                 "no block was recorded yet"
             raise WriteFailed(f"--checkpoint_dir {self.dir}: writing {path.name} failed ({why}); free space or "
                               f"check the folder, then run the same command again ({kept})") from e
@@ -485,21 +512,27 @@ class Checkpoint:
                     f.unlink(missing_ok=True)
 
     def _remove_ours(self) -> None:
-        """Delete every file of this tool's names here (``state.json`` first: no longer resumable)."""
+        """Delete every file of this tool's names here, ``state.json`` last."""
         if not self.dir.is_dir():
             return
-        (self.dir / STATE).unlink(missing_ok=True)
         for f in self.dir.iterdir():
-            if f.is_file() and not f.is_symlink() and _ours_name(f.name):
+            if f.is_file() and not f.is_symlink() and _ours_name(f.name) and f.name != STATE:
                 f.unlink(missing_ok=True)
+        (self.dir / STATE).unlink(missing_ok=True)
 
     def remove(self) -> None:
         """Delete the files this tool wrote here, then the folder if nothing else is left in it.
 
-        ``state.json`` goes first, so a removal cut short leaves a folder with nothing to resume, which
-        the next run clears (never a state naming blocks that are gone)."""
+        ``state.json`` is first rewritten to say that no block is pruned, so a removal cut short (a kill) leaves
+        a checkpoint with nothing to resume, which the next run clears; it is deleted last."""
         if not self.dir.is_dir() or not _is_ours(self.dir):
             return
+        if (self.dir / STATE).is_file():
+            state = read_state(self.dir) or {}
+            write_json(self.dir / STATE, {
+                "marker": MARKER, "identity": state.get("identity", {}), "next_block": 0,
+                "num_blocks": state.get("num_blocks", 0), "world_size": state.get("world_size", 1), "ratios": {},
+                "layers": [], "block_seconds": [], "oom_backoff": []})
         self._remove_ours()
         try:
             self.dir.rmdir()

@@ -360,7 +360,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
     except KeyboardInterrupt:
         if rank:  # under torchrun rank 0 says it
             return 130
-        if config is not None and config.checkpoint_dir and Path(config.checkpoint_dir, "state.json").exists():
+        if config is not None and config.checkpoint_dir and blocks_done(config.checkpoint_dir):
             print(f"optima-prune: interrupted; the finished blocks are in {config.checkpoint_dir}: run the same "
                   "command again to resume", file=sys.stderr)
         else:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .allocators import AllocationContext, resolve_layer_ratios, row_summary
-from .checkpoint import Checkpoint, RunInterrupted, WriteFailed, run_identity, stop_after_block
+from .checkpoint import Checkpoint, blocks_done, RunInterrupted, WriteFailed, run_identity, stop_after_block
 from .compress import Compression
 from .config import PruneConfig
 from .damping import HOLDOUT_EVERY, is_auto, layer_inputs
@@ -200,6 +200,8 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     resume = checkpoint.load() if checkpoint else None
     start = resume.next_block if resume else 0
     num_blocks = len(adapter.blocks)
+    if checkpoint is not None and resume is None:
+        checkpoint.begin(num_blocks)  # state.json first: the folder is known as this tool's from now on
     if resume and stream is not None:
         lost = [j for j in range(start) if not stream.has_block(j)]
         if lost:
@@ -345,7 +347,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         pm.hook.optima_run_done(report=report)
         return report
     except Exception as e:
-        if checkpoint is not None and (checkpoint.dir / "state.json").exists() and (dist is None or dist.is_main()) \
+        if checkpoint is not None and blocks_done(checkpoint.dir) and (dist is None or dist.is_main()) \
                 and not isinstance(e, WriteFailed):  # a WriteFailed says which blocks are kept
             log.error("the finished blocks are saved in %s; fix the problem and run the same command to resume",
                       config.checkpoint_dir)

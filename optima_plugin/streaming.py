@@ -238,12 +238,12 @@ class StreamedModel:
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"format": "pt"})
         except (OSError, SafetensorError) as e:
-            from .checkpoint import STATE, WriteFailed, write_failure
+            from .checkpoint import WriteFailed, blocks_done, write_failure
 
             why = write_failure(e)
             if why is None:
                 raise
-            kept = f"; the finished blocks are kept in {self.staging}" if (self.staging / STATE).is_file() else ""
+            kept = f"; the finished blocks are kept in {self.staging}" if blocks_done(self.staging) else ""
             raise WriteFailed(f"writing {path} failed ({why}); free space or check the folder, then run the same "
                               f"command again{kept}") from e
         return path

@@ -242,7 +242,8 @@ def test_removal_killed_after_a_successful_save_leaves_nothing_to_resume(tmp_pat
     monkeypatch.setattr(Path, "unlink", real_unlink)
     assert (out / "model.safetensors").is_file() and len(calls) == 2
     ckpt = tmp_path / "out.checkpoint"
-    assert not (ckpt / "state.json").exists()  # the first file removed is the state: nothing to resume
+    # the state was first rewritten to name no pruned block, and is deleted last: nothing to resume
+    assert json.loads((ckpt / "state.json").read_text())["next_block"] == 0
     report = prune(tiny_model("llama"), tokenizer, save_model=str(out), overwrite=True, **FAST)
     assert report["resumed_from_block"] is None and not ckpt.exists()
 
@@ -267,6 +268,36 @@ def test_folder_of_a_run_killed_in_its_first_block_write_is_reused(tmp_path, tok
     assert report["resumed_from_block"] is None
     assert sorted(p.name for p in ckpt.iterdir()) == ["block_00000.safetensors", "block_00001.safetensors",
                                                      "block_00002.safetensors", "state.json"]
+
+
+def test_folder_of_files_named_like_ours_without_state_is_never_cleared(tmp_path, tokenizer):
+    """Only a folder whose state.json says it is this tool's is ever cleared: a user's folder of files that merely
+    look like ours (HF shards named model-00001-of-00002.safetensors) is refused and left as it was."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "block_00000.safetensors"):
+        (folder / name).write_bytes(b"user data")
+    with pytest.raises(ValueError, match="did not write"):
+        prune(tiny_model("llama"), tokenizer, checkpoint_dir=str(folder), **FAST)
+    assert sorted(p.name for p in folder.iterdir()) == ["block_00000.safetensors", "model-00001-of-00002.safetensors",
+                                                       "model-00002-of-00002.safetensors"]
+    assert all(p.read_bytes() == b"user data" for p in folder.iterdir())
+
+
+def test_state_is_written_before_any_block_file(tmp_path, tokenizer):
+    """The folder is marked as this tool's (state.json, no block pruned) before the first block is written."""
+    ckpt = tmp_path / "ckpt"
+    seen = []
+
+    class First:
+        @hookimpl
+        def optima_block_started(self, index, num_blocks):
+            if index == 0:
+                seen.append(sorted(p.name for p in ckpt.iterdir()))
+                seen.append(json.loads((ckpt / "state.json").read_text())["next_block"])
+
+    _with_plugin(First(), lambda: prune(tiny_model("llama"), tokenizer, checkpoint_dir=str(ckpt), **FAST))
+    assert seen == [["state.json"], 0]
 
 
 def test_state_naming_a_missing_block_fails_before_the_model_loads(tiny_dir, tmp_path, tokenizer, capsys,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from optima_plugin import cli, files
-from optima_plugin.files import SAVE_MARKER, atomic_path, atomic_write_text, check_output_file
+from optima_plugin.files import SAVE_MARKER, atomic_path, atomic_write_text, check_output_file, write_save_marker
 from optima_plugin.loading import save_model
 from optima_plugin.testing import tiny_model, tiny_tokenizer
 
@@ -119,6 +119,8 @@ def paths(lm, tiny_dir, tmp_path):
     """``{name: path}``: the model folder, a calibration text, a text folder, a ratio file, a mask file, a
     hard link of the text, a link to the model's config, a folder the tool saved."""
     save_model(*lm, str(tmp_path / "saved"))
+    (tmp_path / "saved" / "notes.txt").write_text("A text saved with the model. " * 400)
+    write_save_marker(tmp_path / "saved")  # as if the tool had written it: only the overlap is refused
     (tmp_path / "calib.txt").write_text("Some calibration text. " * 400)
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("Some other text. " * 400)
@@ -164,7 +166,7 @@ CASES = {
     "saved model inside the model folder": (["--save_model", "{model}/pruned"], "--save_model .* is inside --model"),
     "checkpoint inside the model folder": (["--checkpoint_dir", "{model}/ckpt"],
                                            "--checkpoint_dir .* is inside --model"),
-    "saved model holds the calibration text": (["--calibration_dataset", "{saved}/tokenizer.json",
+    "saved model holds the calibration text": (["--calibration_dataset", "{saved}/notes.txt",
                                                 "--save_model", "{saved}", "--overwrite"],
                                                "--save_model .* holds --calibration_dataset"),
     "two outputs, one file": (["--report", "{tmp}/x.json", "--save_masks", "{tmp}/x.json"],
