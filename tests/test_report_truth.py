@@ -202,3 +202,82 @@ def test_compression_relative_error_is_on_the_true_hessian():
     print_summary(report, text)
     assert "relative output error tr(dW H dWᵀ)/tr(W H Wᵀ) (true H)" in text.getvalue()
     assert "on the shrunk H the stages fitted with: pruned" in text.getvalue()
+
+
+def test_host_seam_reports_the_true_and_the_solved_figures(tiny_dir):
+    """optima-host: the seam's layer figures are on the H of the inputs the host's forward fed the layer (the test's
+    own hook), the solved ones on its own shrink (0.3 at 50%, the default); finish() gives both means."""
+    from transformers import AutoModelForCausalLM
+
+    from optima_plugin.host import HostOptions, emit_mask, install
+    from optima_plugin.sparsity import row_mask
+
+    with install(HostOptions(solver="direct")) as inst:
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        block0 = model.model.layers[0]
+        q = block0.self_attn.q_proj
+        xs = []
+        handle = q.register_forward_hook(lambda mod, inp, out: xs.append(inp[0].detach().double().reshape(-1, 64)))
+        with torch.no_grad():
+            for i in range(4):
+                block0(torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(i)))
+        handle.remove()
+        dense = q.weight.detach().clone()
+        mask = row_mask(dense.abs(), 0.5)
+        q.weight.data[mask] = 0
+        emit_mask("q", q, mask)
+        report = inst.finish()
+    x = torch.cat(xs)
+    h = x.T @ x / x.shape[0]
+    new, mask_only = q.weight.detach(), dense.masked_fill(mask, 0)
+    (layer,) = report["layers"]
+    objective, mask_objective = _quad(new - dense, h), _quad(mask_only - dense, h)
+    assert layer["error_ratio"] == pytest.approx(objective / mask_objective, rel=RTOL)
+    assert layer["objective"] == pytest.approx(objective, rel=RTOL)
+    assert layer["mask_objective"] == pytest.approx(mask_objective, rel=RTOL)
+    hs = _shrunk(h, ALPHA)
+    solved, solved_mask = _quad(new - dense, hs), _quad(mask_only - dense, hs)
+    assert layer["solved_objective"] == pytest.approx(solved, rel=RTOL)
+    assert layer["solved_error_ratio"] == pytest.approx(solved / solved_mask, rel=RTOL)
+    assert report["summary"]["mean_error_ratio"] == layer["error_ratio"]
+    assert report["summary"]["mean_solved_error_ratio"] == layer["solved_error_ratio"]
+
+
+def test_dense_objective_of_one_layer_with_correlated_inputs_is_never_negative():
+    """Issue 24 item 2 on one random layer with correlated inputs (the old code reported -4.95 here, error ratio
+    -0.046, against 8.50 and 0.047 measured): the reported objectives are ‖W X_d − Ŵ X_p‖² / N of explicit
+    activations; the solved ones (the distance to T under the shrunk H) are squared norms too."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from optima_plugin import engine
+    from optima_plugin.objective import DenseTerms
+    from optima_plugin.plugins import lookup
+    from optima_plugin.sparsity import Pattern
+    from optima_plugin.updaters import UpdateOptions
+
+    torch.manual_seed(0)
+    d, r, n = 64, 32, 2048
+    mix = torch.randn(d, d) / 8
+    xd = (torch.randn(n, d) + 3 * torch.randn(n, 4) @ torch.randn(4, d)) @ (torch.eye(d) + mix)
+    xp = xd + 0.3 * torch.randn(n, d)
+    w = torch.randn(r, d) / 8
+    true = DenseTerms(xp.T @ xp / n, xp.T @ xd / n, (xd @ w.T).square().mean(0), n)
+    shrunk = replace(true, hessian=_shrunk(true.hessian.double(), ALPHA).float(),
+                     cross=_shrunk(true.cross.double(), ALPHA).float())
+    lin = nn.Linear(d, r, bias=False)
+    lin.weight.data.copy_(w)
+    res = engine._prune_linear("layer", 0, lin, shrunk.hessian, 0.5, Pattern(), lookup("selectors", "magnitude", ""),
+                               lookup("updaters", "optima", ""), UpdateOptions(solver="direct"), dense_terms=shrunk,
+                               true_hessian=true.hessian, true_terms=true)
+    new = lin.weight.detach().double()
+    mask_only = w.double().masked_fill(new == 0, 0)
+
+    def dense_error(weights: torch.Tensor) -> float:
+        return float((xd.double() @ w.double().T - xp.double() @ weights.T).square().sum(dim=1).mean())
+
+    assert res.objective == pytest.approx(dense_error(new), rel=RTOL)
+    assert res.mask_objective == pytest.approx(dense_error(mask_only), rel=RTOL)
+    assert res.error_ratio == pytest.approx(dense_error(new) / dense_error(mask_only), rel=RTOL)
+    assert res.accepted and res.solved_objective > 0 and res.solved_mask_objective > res.solved_objective
