@@ -38,7 +38,8 @@ a time with the same loop::
 A linear's mask is therefore handled before the host (or its evaluation) uses the
 pruned weights. The results are reported like the engine's
 (:class:`~optima_plugin.engine.LayerResult` through ``optima_layer_done``), plus
-``host_objective``: the reconstruction objective of the host's own weights.
+``host_objective``: the reconstruction objective of the host's own weights (on the unshrunk ``H``,
+as ``objective``; ``solved_*``: on the ``H`` shrunk by ``--hessian_shrink``).
 """
 
 from __future__ import annotations
