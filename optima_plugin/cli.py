@@ -184,16 +184,29 @@ def print_summary(report: dict, out=None) -> None:
           + (f" ({opts['solver']})" if opts["weight_update"] == "optima" else "")
           + (", matching the dense model's outputs" if opts.get("objective") == "dense" else "")
           + f", {opts['sparsity_type']}, target {opts['sparsity_ratio']:.2f}", file=out)
-    print(f"{'layer kind':28} {'n':>4} {'sparsity':>9} {'error_ratio':>12}", file=out)
+    # error_ratio on the true calibration H; "shrunk H" the solver's problem's, when a shrink made them differ
+    shrunk = any(x.get("solved_error_ratio", x["error_ratio"]) != x["error_ratio"] for x in layers)
+    print(f"{'layer kind':28} {'n':>4} {'sparsity':>9} {'error_ratio':>12}"
+          + (f" {'on shrunk H':>12}" if shrunk else ""), file=out)
     kinds: dict = {}
     for layer in layers:
         kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer["name"]), []).append(layer)
+
+    def mean(values: list) -> float:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
     for kind, items in kinds.items():
-        er = [x["error_ratio"] for x in items if x["error_ratio"] is not None]
         sp = sum(x["sparsity"] for x in items) / len(items)
-        print(f"{kind:28} {len(items):4d} {sp:9.4f} {sum(er) / len(er) if er else float('nan'):12.4f}", file=out)
+        print(f"{kind:28} {len(items):4d} {sp:9.4f} {mean([x['error_ratio'] for x in items]):12.4f}"
+              + (f" {mean([x.get('solved_error_ratio') for x in items]):12.4f}" if shrunk else ""), file=out)
     print(f"overall sparsity {report['sparsity']:.4f}", file=out)
     summary = report.get("summary", {})
+    true, solved = summary.get("mean_error_ratio"), summary.get("mean_solved_error_ratio")
+    if true is not None and "mean_solved_error_ratio" in summary:  # the true-H headline; the shrunk problem's too
+        print(f"mean error ratio {true:.4f} (true H)"
+              + (f"; {solved:.4f} on the shrunk H the solver solved" if solved is not None and solved != true
+                 else ""), file=out)
     if summary.get("nonconverged"):
         print(f"{summary['nonconverged']} of {summary['layers']} layers did not converge (e.g. "
               f"{summary['nonconverged_layers'][0]}); raise --max_iter or loosen --tol", file=out)
@@ -221,10 +234,12 @@ def print_summary(report: dict, out=None) -> None:
               file=out)
     stages = [x["compression"]["relative_error"] for x in layers if x.get("compression")]
     if stages:
-        names = list(dict.fromkeys(k for st in stages for k in st))
-        means = ", ".join(f"{k} {sum(st[k] for st in stages if k in st) / sum(k in st for st in stages):.4f}"
-                          for k in names)
-        print(f"relative output error tr(dW H dWᵀ)/tr(W H Wᵀ), mean over layers: {means}", file=out)
+        print(f"relative output error tr(dW H dWᵀ)/tr(W H Wᵀ) (true H), mean over layers: {_stage_means(stages)}",
+              file=out)
+        on_shrunk = [x["compression"]["solved_relative_error"] for x in layers
+                     if x.get("compression") and x["compression"].get("solved_relative_error")]
+        if on_shrunk:
+            print(f"  on the shrunk H the stages fitted with: {_stage_means(on_shrunk)}", file=out)
     t = report["timings"]
     mem = report.get("memory", {})
     print(f"prune time {t['prune_seconds']:.1f} s, peak RSS {mem.get('peak_rss_mb', float('nan')):.0f} MB"
@@ -232,6 +247,13 @@ def print_summary(report: dict, out=None) -> None:
     print_perplexity(report.get("ppl", {}), out)
     if report.get("zero_shot"):
         print_zero_shot(report["zero_shot"], out)
+
+
+def _stage_means(stages: list) -> str:
+    """``"pruned 0.1234, quantized ..."``: each compression stage's mean over the layers that have it."""
+    names = list(dict.fromkeys(k for st in stages for k in st))
+    return ", ".join(f"{k} {sum(st[k] for st in stages if k in st) / sum(k in st for st in stages):.4f}"
+                     for k in names)
 
 
 def print_perplexity(ppl: dict, out=None) -> None:

@@ -10,7 +10,9 @@ pruned and updated weights ``Ŵ_p`` and mask ``pruned`` (True = pruned):
    merged into the weight or kept separate (``--separate_lora``).
 
 The report's ``compression`` of each layer gives the relative output error
-``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` after pruning, after quantization and after the adapter.
+``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` after pruning, after quantization and after the adapter
+(``relative_error``, on the true, unshrunk calibration ``H``; under ``--hessian_shrink`` the same on
+the shrunk ``H`` the quantizer and adapter fitted with beside it, ``solved_relative_error``).
 With ``--objective dense`` these stay the pruned-path figures (``H`` of the pruned model's
 inputs, dense weights ``W`` as reference): the stage fits ``W`` on the pruned path, not the dense
 model's outputs.
@@ -67,15 +69,18 @@ class Compression:
             quantize_lora=opt("quantize_lora"), prune_lora=opt("prune_lora"), pad_lora=opt("pad_lora"),
             tile=opt("lora_tile_size"), damp=damp, scale_important=opt("scale_important_weights"))
 
-    def apply(self, name: str, linear: nn.Linear, dense: Tensor, pruned: Tensor, hessian: Optional[Tensor]) -> dict:
+    def apply(self, name: str, linear: nn.Linear, dense: Tensor, pruned: Tensor, hessian: Optional[Tensor],
+              true_hessian: Optional[Tensor] = None) -> dict:
         """Quantize and/or fit the adapter of ``linear`` (its weight: the pruned, updated ``r x d``); ``dense``:
-        its weights before pruning. Writes the linear; returns the report's ``compression`` entry."""
+        its weights before pruning. Writes the linear; returns the report's ``compression`` entry.
+
+        ``hessian``: what quantizer and adapter fit with (shrunk under ``--hessian_shrink``); ``true_hessian``:
+        the unshrunk one (None: nothing was shrunk). ``relative_error`` is measured on the true ``H``, and
+        ``solved_relative_error`` on ``hessian`` when a shrink was applied."""
         weight = linear.weight.detach()
         out: dict = {}
-        errors: dict = {}
-        energy = _objective(hessian, dense, torch.zeros_like(dense)) if hessian is not None else None
-        if energy is not None:
-            errors["pruned"] = _ratio(_objective(hessian, dense, weight), energy)
+        errors = _Errors(hessian, dense, true_hessian)
+        errors.add("pruned", weight)
         if self.quantizer is not None:
             result = quantize_scaled(self.quantizer, weight, pruned, hessian, self.quant) if self.scale_important \
                 else self.quantizer.quantize(weight, pruned, hessian, self.quant)
@@ -86,8 +91,7 @@ class Compression:
             setattr(linear, QUANT_ATTR, result.state)
             out["quantizer"] = {"name": self.quantizer.name, "bits": result.state.bits,
                                 "group_size": result.state.group_size, **result.stats}
-            if energy is not None:
-                errors["quantized"] = _ratio(_objective(hessian, dense, weight), energy)
+            errors.add("quantized", weight)
         if self.lora_rank:
             if hessian is None:
                 raise ValueError(f"{name}: low-rank adapters need the layer's Hessian")
@@ -104,11 +108,32 @@ class Compression:
                 if hasattr(linear, QUANT_ATTR):  # merged: the weight is no longer on the integer grid
                     delattr(linear, QUANT_ATTR)
             out["lowrank"] = {**stats, "separate": self.separate}
-            if energy is not None:
-                errors["lowrank"] = _ratio(_objective(hessian, dense, weight.float() + adapter.product()
-                                                      if self.separate else weight), energy)
-        out["relative_error"] = errors
+            errors.add("lowrank", weight.float() + adapter.product() if self.separate else weight)
+        out["relative_error"] = errors.true
+        if errors.solved is not None:
+            out["solved_relative_error"] = errors.solved
         return out
+
+
+class _Errors:
+    """The relative output errors ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` of each stage on the true ``H`` and, under a
+    shrink, on the shrunk ``H`` (none without a Hessian)."""
+
+    def __init__(self, hessian: Optional[Tensor], dense: Tensor, true_hessian: Optional[Tensor]) -> None:
+        self.dense = dense
+        self.true: dict = {}
+        self.solved: Optional[dict] = {} if hessian is not None and true_hessian is not None else None
+        self._true_h = true_hessian if true_hessian is not None else hessian
+        self._solved_h = hessian if self.solved is not None else None
+        zero = torch.zeros_like(dense)
+        self._energy = _objective(self._true_h, dense, zero) if self._true_h is not None else None
+        self._solved_energy = _objective(hessian, dense, zero) if self._solved_h is not None else None
+
+    def add(self, stage: str, weight: Tensor) -> None:
+        if self._true_h is not None:
+            self.true[stage] = _ratio(_objective(self._true_h, self.dense, weight), self._energy)
+        if self._solved_h is not None:
+            self.solved[stage] = _ratio(_objective(self._solved_h, self.dense, weight), self._solved_energy)
 
 
 def _objective(hessian: Tensor, dense: Tensor, new: Tensor) -> float:

@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .allocators import AllocationContext, resolve_layer_ratios, row_summary
 from .checkpoint import Checkpoint, blocks_done, RunInterrupted, WriteFailed, run_identity, stop_after_block
@@ -72,6 +72,11 @@ class LayerResult:
     compression: Optional[dict] = None  # quantization / low-rank figures (optima_plugin.compress)
     hessian_stats: Optional[dict] = None  # attention-sink tokens of its input (optima_plugin.hessian)
     refine: Optional[dict] = None  # --refine_mask: objective before/after, rows changed, swaps (optima_plugin.refine)
+    # the figures of the problem the solver solved (--hessian_shrink: the shrunk H; --objective dense with a shrink:
+    # the distance to its target rows under that H); the headline ones above are on the true, unshrunk statistics
+    solved_objective: Optional[float] = None
+    solved_mask_objective: Optional[float] = None
+    solved_error_ratio: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,16 +291,20 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
                                 hessians = {r: t.hessian for r, t in terms.items()}
                             else:
                                 hessians = pipe.hessians(i, block, group, groups, hdtype, names, holdout)
-                        hessian, layer_options = layer_inputs(hessians[rel], options)
+                        true_hessian, layer_options = layer_inputs(hessians[rel], options)
+                        true_terms = terms.get(rel)  # the report's headline figures are on these, unshrunk
                         shrink = layer_shrink(config.hessian_shrink, ratios[names[rel]])
-                        hessian = shrink_to_diagonal(hessian, shrink)
-                        if rel in terms and shrink:
-                            terms[rel] = replace(terms[rel], hessian=hessian,
-                                                 cross=shrink_to_diagonal(terms[rel].cross, shrink))
+                        hessian = shrink_to_diagonal(true_hessian, shrink)  # what selection and update solve with
+                        solved_terms = true_terms
+                        if true_terms is not None and shrink:
+                            solved_terms = replace(true_terms, hessian=hessian,
+                                                   cross=shrink_to_diagonal(true_terms.cross, shrink))
                         with _named_solver_logs(names[rel]):
                             result = _prune_linear(names[rel], i, lin, hessian, ratios[names[rel]], pattern,
                                                    selector, updater, layer_options, row_allocator, config,
-                                                   compression, terms.get(rel))
+                                                   compression, solved_terms,
+                                                   true_hessian=true_hessian if shrink else None,
+                                                   true_terms=true_terms if shrink else None)
                         result.hessian_stats = pipe.hessian_stats.get(rel)
                         result.update["hessian_shrink"] = shrink
                         pm.hook.optima_layer_done(result=result)
@@ -391,21 +400,37 @@ def summarize(layers: list) -> dict:
     damped = [x["name"] for x in layers
               if x.get("update", {}).get("damp_escalated") or x.get("selection", {}).get("damp_escalated")]
     ratios = [x["error_ratio"] for x in layers if x.get("error_ratio") is not None]
+    solved = [x["solved_error_ratio"] for x in layers if x.get("solved_error_ratio") is not None]
     return {"layers": len(layers), "nonconverged": len(nonconverged), "nonconverged_layers": nonconverged,
             "rejected_updates": len(rejected), "rejected_layers": rejected,
             "damp_escalated": len(damped), "damp_escalated_layers": damped,
-            "mean_error_ratio": sum(ratios) / len(ratios) if ratios else None}
+            "mean_error_ratio": sum(ratios) / len(ratios) if ratios else None,
+            "mean_solved_error_ratio": sum(solved) / len(solved) if solved else None}
+
+
+def error_ratio(objective: float, mask_objective: float) -> float:
+    """``objective / mask_objective``; 0 or 1 when the mask alone loses nothing (0 when the update neither)."""
+    return objective / mask_objective if mask_objective > 0 else (0.0 if objective == 0 else 1.0)
 
 
 def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options,
                   row_allocator=None, config=None, compression: Optional[Compression] = None,
-                  dense_terms: Optional[DenseTerms] = None) -> LayerResult:
+                  dense_terms: Optional[DenseTerms] = None, *, true_hessian: Optional[Tensor] = None,
+                  true_terms: Optional[DenseTerms] = None) -> LayerResult:
     """Select, update, keep the better of update and mask only, write the weights, compress.
 
-    ``dense_terms`` (``--objective dense``): the updater solves for the target rows of
-    :func:`~optima_plugin.objective.dense_target` and the reported objectives (and the keep-the-better
-    check) are the dense objective :func:`~optima_plugin.objective.dense_objective` of the update and of
-    the mask-only dense weights. The selector, row allocator and compression stage still see ``H``.
+    ``hessian`` (and ``dense_terms``) are what the selector, row allocator, updater and compression solve
+    with: under ``--hessian_shrink`` the shrunk statistics. ``true_hessian`` / ``true_terms``: the unshrunk
+    calibration statistics (None: nothing was shrunk, the same as ``hessian`` / ``dense_terms``). The
+    headline ``objective``, ``mask_objective`` and ``error_ratio`` (and the keep-the-better check) are
+    measured on the true statistics; ``solved_*`` are the same figures of the problem the updater solved
+    (equal to the headline ones when nothing was shrunk, computed once).
+
+    ``dense_terms`` (``--objective dense``): the updater solves for the target rows ``T`` of
+    :func:`~optima_plugin.objective.dense_target`; the headline objectives are the dense objective
+    :func:`~optima_plugin.objective.dense_objective` ``‖W X_d − Ŵ X_p‖²/N`` of the update and of the mask-only
+    dense weights on the true statistics, and under a shrink the solved ones are the solver's own objective,
+    ``Σ_rows (ŵ − t)ᵀ H (ŵ − t)`` with the shrunk ``H``.
     """
     t0 = time.perf_counter()
     dense = lin.weight.detach()
@@ -417,12 +442,13 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
         rows = dict(row_summary(ratio), **allocation.stats)
     named = {"name": name} if getattr(selector, "needs_name", False) else {}
     selection = selector.select(work, hessian, ratio, pattern, **named)
+    target = None
     if dense_terms is None:
         upd = updater.update(dense, selection, hessian, options)
     else:  # the same problem with the target rows T (float32/64) in place of the dense weights
         target, target_damp = dense_target(work, hessian, dense_terms.cross, options.damp)
         upd = updater.update(target, selection, hessian, replace(options, damp=target_damp))
-        upd.objective = upd.mask_objective = None  # those are ‖·‖ to T; the dense objective is measured below
+        upd.mask_objective = None  # that is ‖T∘mask − T‖, not the mask-only dense weights' figure
         upd.stats.update(objective_kind="dense", target_damp=target_damp,
                          dense_energy=float(dense_terms.energy.double().sum()))
         upd.target = target  # --refine_mask refines towards T too
@@ -435,32 +461,46 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
     new = upd.weight.to(dense.dtype)
     check_finite(new, f"{name}: the weights of the {updater.name} update")
     accepted = True
-    objective = mask_objective = error_ratio = None
+    shrunk = true_hessian is not None or true_terms is not None
+    objective = mask_objective = ratio_true = None
+    solved = solved_mask = ratio_solved = None
     if dense_terms is not None:
-        mask_objective = dense_objective(dense, mask_only, dense_terms)
-        objective = dense_objective(dense, new, dense_terms)
+        truth = true_terms if true_terms is not None else dense_terms
+        mask_objective, objective = (dense_objective(dense, w, truth) for w in (mask_only, new))
+        if shrunk:  # the solver's objective: the distance to T under the shrunk H (a squared norm)
+            solved_mask = reconstruction_error(target, mask_only, hessian)
+            solved = upd.objective if upd.objective is not None else reconstruction_error(target, new, hessian)
     elif hessian is not None:  # the updater's own figures when it measured them (one r x d x d product each)
-        mask_objective = upd.mask_objective if upd.mask_objective is not None else \
+        solved_mask = upd.mask_objective if upd.mask_objective is not None else \
             reconstruction_error(dense, mask_only, hessian)
-        objective = upd.objective if upd.objective is not None else reconstruction_error(dense, new, hessian)
+        solved = upd.objective if upd.objective is not None else reconstruction_error(dense, new, hessian)
+        if shrunk:
+            mask_objective, objective = (reconstruction_error(dense, w, true_hessian) for w in (mask_only, new))
+        else:
+            mask_objective, objective = solved_mask, solved
+    if not shrunk:
+        solved, solved_mask = objective, mask_objective
     if objective is not None:
-        if objective > mask_objective:  # keep the better of before/after
+        if objective > mask_objective:  # keep the better of before/after, on the true statistics
             log.warning("%s: update is worse than the mask alone (%.4g > %.4g); keeping the mask only",
                         name, objective, mask_objective)
             new, objective, accepted, selection = mask_only, mask_objective, False, selected
-        error_ratio = objective / mask_objective if mask_objective > 0 else (0.0 if objective == 0 else 1.0)
+            solved = solved_mask
+        ratio_true, ratio_solved = error_ratio(objective, mask_objective), error_ratio(solved, solved_mask)
     original = dense.clone() if compression is not None else None  # ``dense`` is the parameter, written next
     with torch.no_grad():
         lin.weight.copy_(new.masked_fill(selection.pruned, 0))
     sparsity = float((lin.weight == 0).float().mean())  # of the pruned weights (a merged adapter fills them)
-    figures = compression.apply(name, lin, original, selection.pruned, hessian) if compression is not None else None
+    figures = compression.apply(name, lin, original, selection.pruned, hessian, true_hessian=true_hessian) \
+        if compression is not None else None
     return LayerResult(
         name=name, block=block_index, shape=list(dense.shape),
         ratio=float(ratio) if not torch.is_tensor(ratio) else float(ratio.double().mean()),
-        sparsity=sparsity, error_ratio=error_ratio,
+        sparsity=sparsity, error_ratio=ratio_true,
         objective=objective, mask_objective=mask_objective, accepted=accepted,
         seconds=time.perf_counter() - t0, update=upd.stats, rows=rows, selection=selection.stats,
         compression=figures, refine=refined,
+        solved_objective=solved, solved_mask_objective=solved_mask, solved_error_ratio=ratio_solved,
     )
 
 

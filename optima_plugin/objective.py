@@ -178,7 +178,9 @@ def dense_target(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float) ->
 def dense_objective(weight: Tensor, new_weight: Tensor, terms: DenseTerms) -> float:
     """``f(Ŵ) = Σ_rows ŵᵀHŵ − 2ŵᵀGw + ‖wX_d‖²/N`` (undamped), ``Ŵ = new_weight``, ``W = weight`` (dense).
 
-    In float32 (float64 if ``terms.hessian`` is), any input dtypes; a float.
+    In float32 (float64 if ``terms.hessian`` is), any input dtypes; a float. ``terms`` must be the statistics of
+    the same tokens as measured (``‖W X_d − Ŵ X_p‖² / N``, never negative): ``H`` and ``G`` shrunk without the
+    constant are no squared error, so the engine reports this on the unshrunk ones.
     """
     dtype = torch.float64 if terms.hessian.dtype == torch.float64 else torch.float32
     h = terms.hessian.to(dtype)

@@ -38,7 +38,8 @@ a time with the same loop::
 A linear's mask is therefore handled before the host (or its evaluation) uses the
 pruned weights. The results are reported like the engine's
 (:class:`~optima_plugin.engine.LayerResult` through ``optima_layer_done``), plus
-``host_objective``: the reconstruction objective of the host's own weights.
+``host_objective``: the reconstruction objective of the host's own weights (on the unshrunk ``H``,
+as ``objective``; ``solved_*``: on the ``H`` shrunk by ``--hessian_shrink``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import get_calibration
-from ..engine import LayerResult, blocks_path, resolve_device
+from ..engine import LayerResult, blocks_path, error_ratio, resolve_device
 from ..files import write_json
 from ..hessian import HessianAccumulator, layer_shrink, shrink_to_diagonal
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
@@ -513,7 +514,8 @@ class HostSeam:
         # host's zero pattern is kept exactly, and no zero the host counts in its sparsity is revived.
         pruned = host == 0 if pruned is None else pruned.to(device=weight.device, dtype=torch.bool)
         shrink = layer_shrink(self.settings.hessian_shrink, float(pruned.float().mean()))
-        hessian = shrink_to_diagonal(hessian, shrink)  # what every step below reads (--hessian_shrink)
+        true_hessian = hessian  # the report's headline figures (and the keep-the-better check) are on it
+        hessian = shrink_to_diagonal(hessian, shrink)  # what selection and update read (--hessian_shrink)
         if self.selector is not None:
             pruned = reselect(self.selector, dense, hessian, pruned)
         answer = self.pm.hook.optima_mask_emitted(name=ls.name, module=ls.module, pruned=pruned, hessian=hessian,
@@ -524,32 +526,34 @@ class HostSeam:
             new = mask_only if self.selector is not None else host
         else:
             new = answer.to(device=weight.device, dtype=weight.dtype).masked_fill(pruned, 0)
-        mask_objective = reconstruction_error(dense, mask_only, hessian)
+        mask_objective = reconstruction_error(dense, mask_only, true_hessian)
         # Mask-only hosts (Wanda, TRIM, magnitude) left exactly the mask-only weights: one GEMM less.
         same = host.dtype == mask_only.dtype and torch.equal(host, mask_only)
-        host_objective = mask_objective if same else reconstruction_error(dense, host, hessian)
-        objective = reconstruction_error(dense, new, hessian)
+        host_objective = mask_objective if same else reconstruction_error(dense, host, true_hessian)
+        objective = reconstruction_error(dense, new, true_hessian)
         accepted = True
         if self.selector is None and objective > host_objective:
             log.warning("%s: the plugin's weights are worse than the host's (%.4g > %.4g); keeping the host's",
                         ls.name, objective, host_objective)
             new, objective, accepted = host, host_objective, False
+        solved_mask, solved = mask_objective, objective  # on the shrunk H the update solved with, if any
+        if shrink:
+            solved_mask, solved = (reconstruction_error(dense, w, hessian) for w in (mask_only, new))
         with torch.no_grad():
             weight.data.copy_(new)
         ls.seen()
         ls.handled = True
-        if mask_objective > 0:
-            error_ratio = objective / mask_objective
-        else:
-            error_ratio = 0.0 if objective == 0 else 1.0
+        ratio = error_ratio(objective, mask_objective)
         result = LayerResult(
             name=ls.name, block=st.index, shape=list(weight.shape), ratio=float(pruned.float().mean()),
-            sparsity=float((weight == 0).float().mean()), error_ratio=error_ratio, objective=objective,
+            sparsity=float((weight == 0).float().mean()), error_ratio=ratio, objective=objective,
             mask_objective=mask_objective, accepted=accepted, seconds=time.perf_counter() - t0, update=stats,
+            solved_objective=solved, solved_mask_objective=solved_mask,
+            solved_error_ratio=error_ratio(solved, solved_mask),
         )
         self.pm.hook.optima_layer_done(result=result)
         self.layers.append(dict(result.to_dict(), host_objective=host_objective))
-        log.debug("%s: %.1f%% pruned, error ratio %.4f (host %.4f)", ls.name, 100 * result.ratio, error_ratio,
+        log.debug("%s: %.1f%% pruned, error ratio %.4f (host %.4f)", ls.name, 100 * result.ratio, ratio,
                   host_objective / mask_objective if mask_objective > 0 else float("nan"))
 
     # -- the seam's own statistics pass ---------------------------------------
@@ -627,6 +631,7 @@ class HostSeam:
                         "updated (e.g. %s); the host saved or evaluated nothing after pruning them",
                         len(left), left[0])
         er = [x["error_ratio"] for x in self.layers if x["error_ratio"] is not None]
+        solved = [x["solved_error_ratio"] for x in self.layers if x.get("solved_error_ratio") is not None]
         host = [x["host_objective"] / x["mask_objective"] for x in self.layers if x["mask_objective"]]
         report = {
             "completed": error is None,
@@ -637,6 +642,7 @@ class HostSeam:
             "summary": {
                 "layers": len(self.layers),
                 "mean_error_ratio": sum(er) / len(er) if er else None,
+                "mean_solved_error_ratio": sum(solved) / len(solved) if solved else None,
                 "mean_host_error_ratio": sum(host) / len(host) if host else None,
                 "not_updated": left,
                 "dense_peak_bytes": self.peak_dense_bytes,
