@@ -18,6 +18,7 @@ from .config import PruneConfig
 from .distributed import check_options, setup as join_job
 from .engine import prune_model, resolve_device
 from .evaluation import eval_ppl, eval_zero_shot
+from .evaluation.cache import dense_perplexities
 from .evaluation.zero_shot import check_tasks
 from .files import write_json
 from .loading import save_model
@@ -76,7 +77,7 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     zero_shot: dict = {}
     evaluated = stream if stream is not None else model
     if main and config.eval_dense and config.eval_ppl:
-        ppl["dense"] = _evaluate(evaluated, tokenizer, config, progress)
+        ppl["dense"], ppl["dense_source"] = _evaluate(evaluated, tokenizer, config, progress, dense=True)
     if main and config.eval_dense and config.eval_zero_shot:
         zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
     if job is not None:
@@ -169,12 +170,15 @@ def _staging(stream: Optional[StreamedModel], config: PruneConfig) -> Iterator[N
         shutil.rmtree(stream.staging, ignore_errors=True)  # created above: all ours
 
 
-def _evaluate(model, tokenizer, config: PruneConfig, progress: bool = True) -> dict:
+def _evaluate(model, tokenizer, config: PruneConfig, progress: bool = True, dense: bool = False):
+    """``{dataset: perplexity}``; ``dense``: ``(that, {dataset: "cache" | "computed"})``, the dense figures
+    read from the perplexity cache where it has them (unless ``config.cache`` is off)."""
     # Runs where the model's weights are (on CPU after an offloaded prune); a streamed model block by block.
     device = resolve_device(config.device) if isinstance(model, StreamedModel) else None
-    return {ds: eval_ppl(model, tokenizer, ds, config.seqlen, max_windows=config.eval_max_windows,
-                         batch_size=config.eval_batch_size, device=device, progress=progress)
-            for ds in config.eval_ppl}
+    values, sources = dense_perplexities(model, tokenizer, config.eval_ppl, config.seqlen,
+                                         max_windows=config.eval_max_windows, batch_size=config.eval_batch_size,
+                                         device=device, progress=progress, use_cache=dense and config.cache)
+    return (values, sources) if dense else values
 
 
 def _zero_shot(model, tokenizer, config: PruneConfig, progress: bool) -> dict:
