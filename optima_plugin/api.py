@@ -18,7 +18,7 @@ from .config import PruneConfig
 from .distributed import check_options, setup as join_job
 from .engine import prune_model, resolve_device
 from .evaluation import eval_ppl, eval_zero_shot
-from .evaluation.cache import dense_perplexities
+from .evaluation.cache import perplexities
 from .evaluation.zero_shot import check_tasks
 from .files import write_json
 from .loading import save_model
@@ -175,9 +175,9 @@ def _evaluate(model, tokenizer, config: PruneConfig, progress: bool = True, dens
     read from the perplexity cache where it has them (unless ``config.cache`` is off)."""
     # Runs where the model's weights are (on CPU after an offloaded prune); a streamed model block by block.
     device = resolve_device(config.device) if isinstance(model, StreamedModel) else None
-    values, sources = dense_perplexities(model, tokenizer, config.eval_ppl, config.seqlen,
-                                         max_windows=config.eval_max_windows, batch_size=config.eval_batch_size,
-                                         device=device, progress=progress, use_cache=dense and config.cache)
+    values, sources = perplexities(model, tokenizer, config.eval_ppl, config.seqlen,
+                                   max_windows=config.eval_max_windows, batch_size=config.eval_batch_size,
+                                   device=device, progress=progress, use_cache=dense and config.cache)
     return (values, sources) if dense else values
 
 

@@ -13,7 +13,7 @@ from optima_plugin import prune
 from optima_plugin.cli import main
 from optima_plugin.data import get_eval_tokens
 from optima_plugin.evaluation import cache as ppl_cache
-from optima_plugin.evaluation.cache import dense_perplexities
+from optima_plugin.evaluation.cache import perplexities
 from optima_plugin.streaming import cache_dir
 from optima_plugin.testing import tiny_model, tiny_tokenizer
 
@@ -38,7 +38,7 @@ def count_forwards(model) -> list:
 
 
 def measure(model, dataset="pydoc", seqlen=SEQLEN, max_windows=WINDOWS, batch_size=1):
-    return dense_perplexities(model, tiny_tokenizer(), [dataset], seqlen, max_windows=max_windows,
+    return perplexities(model, tiny_tokenizer(), [dataset], seqlen, max_windows=max_windows,
                               batch_size=batch_size, progress=False)
 
 
@@ -196,14 +196,14 @@ def test_a_streamed_model_is_cached_by_its_files(folder, tiny_dir, tmp_path):
     from optima_plugin.streaming import open_streamed
 
     stream, tok = open_streamed(str(tiny_dir))
-    first, source = dense_perplexities(stream, tok, ["pydoc"], SEQLEN, max_windows=2, progress=False)
+    first, source = perplexities(stream, tok, ["pydoc"], SEQLEN, max_windows=2, progress=False)
     assert source == {"pydoc": "computed"}
-    second, source = dense_perplexities(stream, tok, ["pydoc"], SEQLEN, max_windows=2, progress=False)
+    second, source = perplexities(stream, tok, ["pydoc"], SEQLEN, max_windows=2, progress=False)
     assert source == {"pydoc": "cache"} and second == first
     (weights,) = tiny_dir.glob("*.safetensors")
     tensors = load_file(str(weights))
     tensors["model.layers.1.mlp.down_proj.weight"][0, 1] += 1e-3  # a block's weight: only on disk
     save_file(tensors, str(weights), metadata={"format": "pt"})
     stream, tok = open_streamed(str(tiny_dir))
-    third, source = dense_perplexities(stream, tok, ["pydoc"], SEQLEN, max_windows=2, progress=False)
+    third, source = perplexities(stream, tok, ["pydoc"], SEQLEN, max_windows=2, progress=False)
     assert source == {"pydoc": "computed"}

@@ -140,9 +140,9 @@ def write_entry(path: Path, key: str, value: float, about: dict) -> bool:
     return True
 
 
-def dense_perplexities(model, tokenizer, datasets: Sequence[str], seqlen: int, *, max_windows: Optional[int] = None,
-                       batch_size: int = 1, device=None, progress: bool = True,
-                       use_cache: bool = True) -> tuple[dict, dict]:
+def perplexities(model, tokenizer, datasets: Sequence[str], seqlen: int, *, max_windows: Optional[int] = None,
+                 batch_size: int = 1, device=None, progress: bool = True,
+                 use_cache: bool = True) -> tuple[dict, dict]:
     """``({dataset: perplexity}, {dataset: "cache" | "computed"})`` of ``model`` (a causal LM or a
     :class:`~optima_plugin.streaming.StreamedModel`), as :func:`~optima_plugin.evaluation.eval_ppl`
     measures them, each read from the cache when an entry for the same weights and windows is there;
@@ -191,4 +191,4 @@ def _device_type(model) -> str:
     return next(model.parameters()).device.type
 
 
-__all__ = ["cache_folder", "dense_perplexities", "entry_key", "read_entry", "weights_fingerprint", "write_entry"]
+__all__ = ["cache_folder", "entry_key", "perplexities", "read_entry", "weights_fingerprint", "write_entry"]
