@@ -19,7 +19,7 @@ from .data import get_eval_tokens
 from .distributed import check_options, setup as join_job
 from .engine import prune_model, resolve_device
 from .evaluation import eval_ppl, eval_zero_shot
-from .evaluation.perplexity import perplexity_of_tokens, perplexity_streamed
+from .evaluation.cache import perplexities
 from .evaluation.zero_shot import check_tasks
 from .export import check_group_widths, linear_widths
 from .files import write_json
@@ -93,7 +93,8 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
     zero_shot: dict = {}
     evaluated = stream if stream is not None else model
     if main and config.eval_dense and config.eval_ppl:
-        ppl["dense"] = _evaluate(evaluated, eval_tokens, config, progress)
+        ppl["dense"], ppl["dense_source"] = _evaluate(evaluated, tokenizer, eval_tokens, config, progress,
+                                                      dense=True)
     if main and config.eval_dense and config.eval_zero_shot:
         zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
     if job is not None:
@@ -110,7 +111,7 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
         try:
             if config.eval_ppl:
                 evaluated = stream.pruned() if stream is not None else model
-                ppl["pruned"] = _evaluate(evaluated, eval_tokens, config, progress)
+                ppl["pruned"] = _evaluate(evaluated, tokenizer, eval_tokens, config, progress)
                 report["ppl"] = ppl
             if config.eval_zero_shot:
                 zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
@@ -213,13 +214,17 @@ def _eval_tokens(tokenizer, config: PruneConfig) -> dict:
     return {ds: get_eval_tokens(ds, tokenizer, config.seqlen, "--eval_ppl") for ds in config.eval_ppl}
 
 
-def _evaluate(model, tokens: dict, config: PruneConfig, progress: bool = True) -> dict:
+def _evaluate(model, tokenizer, tokens: dict, config: PruneConfig, progress: bool = True, dense: bool = False):
+    """``{dataset: perplexity}`` on ``tokens`` (:func:`_eval_tokens`); ``dense``: ``(that, {dataset: "cache" |
+    "computed"})``, the dense figures read from the perplexity cache where it has them (unless ``config.cache``
+    is off)."""
     # Runs where the model's weights are (on CPU after an offloaded prune); a streamed model block by block.
     device = resolve_device(config.device) if isinstance(model, StreamedModel) else None
-    measure = perplexity_streamed if isinstance(model, StreamedModel) else perplexity_of_tokens
-    return {ds: measure(model, tokens[ds], config.seqlen, max_windows=config.eval_max_windows,
-                        batch_size=config.eval_batch_size, device=device, progress=progress)
-            for ds in config.eval_ppl}
+    values, sources = perplexities(model, tokenizer, config.eval_ppl, config.seqlen,
+                                   max_windows=config.eval_max_windows, batch_size=config.eval_batch_size,
+                                   device=device, progress=progress, use_cache=dense and config.cache,
+                                   tokens=tokens)
+    return (values, sources) if dense else values
 
 
 def _zero_shot(model, tokenizer, config: PruneConfig, progress: bool) -> dict:

@@ -62,7 +62,8 @@ _OUR_TMP = re.compile(rf"^\.{_NAMES}\.[A-Za-z0-9_]+\.tmp\.(json|safetensors)$")
 #: PruneConfig fields that do not change the pruned weights (outputs, evaluation, where it runs).
 NOT_IDENTITY = {"eval_ppl", "eval_dense", "eval_max_windows", "eval_zero_shot", "tasks_dir", "eval_batch_size",
                 "eval_limit", "num_fewshot", "plot", "save_model", "overwrite", "report", "checkpoint_dir",
-                "checkpoint", "save_layer_ratio", "save_masks", "device", "offload", "save_format"}
+                "checkpoint", "save_layer_ratio", "save_masks", "device", "offload", "save_format",
+                "cache"}
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="at most this many examples per zero-shot task (a fraction if < 1); for quick runs")
     a("--num_fewshot", type=int, default=d.num_fewshot, help="few-shot examples per zero-shot question")
     a("--no_dense_eval", action="store_true", help="skip the dense evaluation (perplexity, zero-shot) before pruning")
+    a("--no_cache", action="store_true", help="measure the dense perplexity even when the cache has it, and do not "
+      "write it there (the cache: $OPTIMA_CACHE_DIR, else $XDG_CACHE_HOME/optima_plugin or ~/.cache/optima_plugin, "
+      "subfolder ppl; keyed by the weights, tokenizer and windows)")
     a("--plot", help="per-layer figure (.png, .pdf, .svg): reconstruction error before/after the update, sparsity")
     a("--save_model", help="directory to save the pruned model and tokenizer")
     a("--save_format", choices=SAVE_FORMATS, default=d.save_format,
@@ -268,6 +271,12 @@ def print_perplexity(ppl: dict, out=None) -> None:
     for ds in names:
         cells = (f" {ppl[s][ds]:10.3f}" if ppl[s].get(ds) is not None else f" {'-':>10}" for s in stages)
         print(f"{ds:{width}}" + "".join(cells), file=out)
+    cached = [ds for ds, source in (ppl.get("dense_source") or {}).items() if source == "cache"]
+    if cached:
+        from .evaluation.cache import cache_folder
+
+        print(f"dense {', '.join(cached)}: from the perplexity cache ({cache_folder()}; --no_cache measures "
+              "it again)", file=out)
 
 
 def print_zero_shot(zero_shot: dict, out=None) -> None:
@@ -341,6 +350,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
             eval_zero_shot=args.eval_zero_shot, tasks_dir=args.tasks_dir, eval_batch_size=args.eval_batch_size,
             eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,
             eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
+            cache=not args.no_cache,
             save_model=args.save_model, overwrite=args.overwrite, report=args.report, save_masks=args.save_masks,
             checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
             save_format=args.save_format,

@@ -69,6 +69,7 @@ class PruneConfig:
     eval_zero_shot: list = field(default_factory=list)
     tasks_dir: Optional[str] = None
     eval_batch_size: int = 1
+    cache: bool = True  # dense perplexities read from / written to the cache folder (optima_plugin.evaluation.cache)
     eval_limit: Optional[float] = None
     num_fewshot: int = 0
     plot: Optional[str] = None

@@ -57,8 +57,13 @@ _CONVERTED = ".optima_converted.json"
 
 
 def cache_dir() -> Path:
-    """Where converted GGUF models are kept: ``$OPTIMA_CACHE_DIR``, else ``~/.cache/optima_plugin``."""
-    return Path(os.environ.get("OPTIMA_CACHE_DIR") or Path.home() / ".cache" / "optima_plugin")
+    """The package's cache folder (converted GGUF models, dense perplexities): ``$OPTIMA_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/optima_plugin`` (an absolute ``XDG_CACHE_HOME`` only, as the XDG spec says), else
+    ``~/.cache/optima_plugin``."""
+    if os.environ.get("OPTIMA_CACHE_DIR"):
+        return Path(os.environ["OPTIMA_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "optima_plugin"
 
 
 def shard_name(index: int, total: int) -> str:

@@ -43,6 +43,13 @@ def random_weight(r: int, d: int, *, seed: int = 0) -> torch.Tensor:
     return torch.randn(r, d, generator=g) / d**0.5
 
 
+@pytest.fixture(autouse=True)
+def _ppl_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Every test's dense perplexity cache in a fresh temporary folder (never the user's ~/.cache)."""
+    folder = tmp_path_factory.mktemp("ppl-cache")
+    monkeypatch.setattr("optima_plugin.evaluation.cache.cache_folder", lambda: folder)
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     """A tiny Llama saved as a local model directory."""

@@ -58,7 +58,7 @@ def test_run_saves_and_reports(tiny_dir, tmp_path):
     assert cli.main(argv) == 0
     data = json.loads(report.read_text())
     assert data["sparsity"] == pytest.approx(0.5)
-    assert set(data["ppl"]) == {"dense", "pruned"}
+    assert set(data["ppl"]) == {"dense", "dense_source", "pruned"}  # dense_source: issue 27 item 4
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -83,7 +83,7 @@ def test_eval_ppl_on_two_domains_reports_and_prints_both(tiny_dir, tmp_path, cap
             "--eval_max_windows", "2", "--report", str(report), "--quiet"]
     assert cli.main(argv) == 0
     ppl = json.loads(report.read_text())["ppl"]
-    assert set(ppl) == {"dense", "pruned"}
+    assert set(ppl) == {"dense", "dense_source", "pruned"}  # dense_source: issue 27 item 4
     for stage in ("dense", "pruned"):
         assert set(ppl[stage]) == {"pydoc", "sherlock"}
         assert all(1 < v < float("inf") for v in ppl[stage].values())

@@ -88,9 +88,15 @@ def eval_ppl(model, tokenizer, dataset: str = "pydoc", seqlen: int = 512, *, max
     ``model``: a causal LM, or a :class:`~optima_plugin.streaming.StreamedModel` (evaluated
     block by block, on ``device``, default CPU).
     """
-    from ..streaming import StreamedModel
-
     tokens = get_eval_tokens(dataset, tokenizer, seqlen)
-    measure = perplexity_streamed if isinstance(model, StreamedModel) else perplexity_of_tokens
     return measure(model, tokens, seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
                    progress=progress)
+
+
+def measure(model, tokens: torch.Tensor, seqlen: int, **kwargs) -> float:
+    """:func:`perplexity_streamed` of a :class:`~optima_plugin.streaming.StreamedModel`, else
+    :func:`perplexity_of_tokens` (same keyword arguments)."""
+    from ..streaming import StreamedModel
+
+    of = perplexity_streamed if isinstance(model, StreamedModel) else perplexity_of_tokens
+    return of(model, tokens, seqlen, **kwargs)
