@@ -179,7 +179,7 @@ def test_eval_tokens_are_computed_once_for_dense_and_pruned(monkeypatch):
     monkeypatch.setattr(api, "get_eval_tokens", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     report = prune(tiny_model("llama"), tiny_tokenizer(), eval_ppl="pydoc", eval_dense=True, eval_max_windows=2,
                    weight_update="none", **FAST)
-    assert calls == ["pydoc"] and set(report["ppl"]) == {"dense", "pruned"}
+    assert calls == ["pydoc"] and set(report["ppl"]) == {"dense", "dense_source", "pruned"}
 
 
 def test_calibration_text_not_utf8_names_file_and_flag(tmp_path):
