@@ -197,20 +197,25 @@ class BlockPipeline:
             yield block
 
     def run(self, blocks: Iterable[int], on_block: Callable[[int, nn.Module], None], *,
-            propagate: bool | Callable[[int], bool] = True,
-            after: Optional[Callable[[int, nn.Module], None]] = None) -> None:
-        """The block loop: per index of ``blocks``, onload, ``on_block(index, block)``, propagate, ``after(index,
-        block)`` (still onloaded: e.g. write the block out), offload.
+            propagate: bool | Callable[[int], bool] = True, before: Optional[Callable[[int], None]] = None,
+            after: Optional[Callable[[int, nn.Module], None]] = None,
+            done: Optional[Callable[[int], None]] = None) -> None:
+        """The block loop: per index of ``blocks``, ``before(index)``, onload, ``on_block(index, block)``,
+        propagate, ``after(index, block)`` (still onloaded: e.g. write the block out), offload, ``done(index)``.
 
         ``propagate``: False when ``on_block`` advances the inputs itself (an ``outputs=True``
         :meth:`statistics` pass), or ``propagate(index)`` to decide per block."""
         for index in blocks:
+            if before is not None:
+                before(index)
             with self.onloaded(index) as block:
                 on_block(index, block)
                 if propagate(index) if callable(propagate) else propagate:
                     self.propagate(index, block)
                 if after is not None:
                     after(index, block)
+            if done is not None:
+                done(index)
 
     def _chunks(self, block: nn.Module, index: int, batch: int, before: Callable[[int, int], None] = lambda s, n: None):
         """``(start, outputs)`` per forward of ``batch`` windows; ``before(start, count)`` is called ahead of each."""
