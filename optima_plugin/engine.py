@@ -28,7 +28,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -161,6 +161,80 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class LinearWork:
+    """What each linear's select → update → refine → compress needs (the run's; ``options`` per layer)."""
+
+    selector: Any
+    updater: Any
+    options: UpdateOptions
+    pattern: Any
+    compression: Optional[Compression] = None
+    config: Optional[PruneConfig] = None
+    row_allocator: Any = None
+
+
+@dataclass
+class LayerStats:
+    """One linear's ratio and calibration statistics.
+
+    ``hessian`` (and ``dense_terms``) are what the selector, row allocator, updater and compression solve
+    with: under ``--hessian_shrink`` the shrunk statistics. ``true_hessian`` / ``true_terms``: the unshrunk
+    ones (None: nothing was shrunk, the same as ``hessian`` / ``dense_terms``)."""
+
+    hessian: Optional[Tensor]
+    ratio: Any
+    dense_terms: Optional[DenseTerms] = None
+    true_hessian: Optional[Tensor] = None
+    true_terms: Optional[DenseTerms] = None
+
+
+@dataclass
+class _Run:
+    """One :func:`prune_model` call's state, shared by its stages."""
+
+    config: PruneConfig
+    model: nn.Module
+    adapter: ModelAdapter
+    linears: dict
+    device: torch.device
+    offload: bool
+    stream: Any
+    dist: Any
+    work: LinearWork
+    allocator: Any
+    progress: bool
+    checkpoint: Optional[Checkpoint] = None
+    resume: Any = None
+    start: int = 0
+    ratios: Optional[dict] = None
+    oom_backoff: list = field(default_factory=list)
+    pm: Any = None
+    report: Any = None  # the ReportObserver: the report's layers and block seconds
+    shown: Any = None  # the ProgressObserver
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.adapter.blocks)
+
+    @property
+    def prefix(self) -> str:
+        return blocks_path(self.adapter)
+
+
+@dataclass
+class _Block:
+    """The block being pruned: ``todo`` its linears to prune (``{rel: linear}``), ``names`` their full names,
+    ``dense`` its dense copy (``--objective dense``)."""
+
+    index: int
+    module: nn.Module
+    names: dict
+    todo: dict
+    groups: list
+    dense: Optional[nn.Module] = None
+
+
 def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True,
                 stream=None) -> dict:
     """Prune ``model`` in place as ``config`` says; return the JSON-ready report.
@@ -175,16 +249,46 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     ``timings``. With ``config.checkpoint_dir`` every finished block is recorded
     there and a run started again resumes at the first unfinished block; Ctrl-C
     then stops after the current block (:class:`~optima_plugin.checkpoint.RunInterrupted`).
+
+    Stages: :func:`_prepare` → :func:`_allocate` → :func:`_capture` → :func:`_prune_blocks` (per block:
+    statistics → per linear :func:`_prune_linear`: select → update → refine → compress → record →
+    checkpoint) → :func:`_report`.
     """
     from .observers import ProgressObserver, ReportObserver
 
+    run = _prepare(model, config, progress, stream)
+    run.pm, run.shown, run.report = get_plugin_manager(), ProgressObserver(disable=not progress), ReportObserver()
+    if run.resume:
+        run.report.layers, run.report.block_seconds = list(run.resume.layers), list(run.resume.block_seconds)
+    for obs in (run.shown, run.report):
+        run.pm.register(obs)
+    try:
+        t_start = time.perf_counter()
+        tokens, t_alloc = _allocate(run, tokenizer)
+        pipe = _capture(run, tokens)
+        t_capture = time.perf_counter() - t_start - t_alloc
+        _prune_blocks(run, pipe)
+        report = _report(run, pipe, {"capture_seconds": t_capture, "allocation_seconds": t_alloc,
+                                     "block_seconds": run.report.block_seconds,
+                                     "prune_seconds": time.perf_counter() - t_start})
+        run.pm.hook.optima_run_done(report=report)
+        return report
+    except Exception as e:
+        if run.checkpoint is not None and blocks_done(run.checkpoint.dir) and (run.dist is None or run.dist.is_main()) \
+                and not isinstance(e, WriteFailed):  # a WriteFailed says which blocks are kept
+            log.error("the finished blocks are saved in %s; fix the problem and run the same command to resume",
+                      config.checkpoint_dir)
+        raise
+    finally:
+        for obs in (run.shown, run.report):
+            run.pm.unregister(obs)
+
+
+def _prepare(model: nn.Module, config: PruneConfig, progress: bool, stream) -> _Run:
+    """Validate, seed, look the plugins up, find the linears, open the checkpoint: all before calibration."""
     config.validate()  # every option and name; the lookups below cannot fail
     seed_everything(config.seed)
-    pattern = config.pattern
     selector = lookup("selectors", config.prune_method, "--prune_method")
-    updater = lookup("updaters", config.weight_update, "--weight_update")
-    allocator = lookup("allocators", config.allocation, "--allocation")
-    row_allocator = lookup("row_allocators", config.row_allocation, "--use_trim") if config.row_allocation else None
     device = resolve_device(config.device)
     dist = current_job()  # under torchrun: this rank's share of the windows, its rows of every solve
     if dist is not None:
@@ -197,192 +301,224 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     check_seqlen(model, config.seqlen)
     linears = prunable_linears(adapter, config.skip_attention)
     for name, lin in linears.items():
-        pattern.check_columns(lin.in_features, name)
+        config.pattern.check_columns(lin.in_features, name)
     if hasattr(selector, "prepare"):  # e.g. ``file``: its masks matched to the linears before any calibration
         selector.prepare(config, linears, blocks_path(adapter))
-    checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), model, stream), dist) \
-        if config.checkpoint_dir else None
-    resume = checkpoint.load() if checkpoint else None
-    start = resume.next_block if resume else 0
-    num_blocks = len(adapter.blocks)
-    if checkpoint is not None and resume is None:
-        checkpoint.begin(num_blocks)  # state.json first: the folder is known as this tool's from now on
-    if resume and stream is not None:
-        lost = [j for j in range(start) if not stream.has_block(j)]
-        if lost:
-            raise ValueError(f"--checkpoint_dir {config.checkpoint_dir} lacks the shards of blocks {lost[:5]}; "
-                             "delete that folder to start over")
-    if resume:
-        if stream is None:
-            checkpoint.restore(adapter.blocks, start)
-        log.info("resuming from %s: blocks 0..%d of %d are pruned already", config.checkpoint_dir, start - 1,
-                 num_blocks)
+    work = LinearWork(selector, lookup("updaters", config.weight_update, "--weight_update"),
+                      UpdateOptions(config.solver, config.damp, config.tol, config.max_iter,
+                                    config.double_precision, split=dist),
+                      config.pattern, Compression.from_config(config), config,
+                      lookup("row_allocators", config.row_allocation, "--use_trim") if config.row_allocation else None)
+    run = _Run(config, model, adapter, linears, device, offload, stream, dist, work,
+               lookup("allocators", config.allocation, "--allocation"), progress)
+    _open_checkpoint(run)
     for name, lin in linears.items():  # every weight, before calibration (streamed: each block at its turn)
         if not lin.weight.is_meta:
             check_finite(lin.weight.detach(), f"{name}: its weights")
     warn_small_calibration(linears, config.nsamples, config.seqlen, config.weight_update)
-
-    pm = get_plugin_manager()
-    observers = [ProgressObserver(disable=not progress), ReportObserver()]
-    if resume:
-        observers[1].layers, observers[1].block_seconds = list(resume.layers), list(resume.block_seconds)
-    for obs in observers:
-        pm.register(obs)
-    oom_backoff = list(resume.oom_backoff) if resume else []
-    try:
-        t_start = time.perf_counter()
-        ratios = _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, None, device, offload,
-                               progress, stream)
-        tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
-        if not offload:
-            model.to(device)
-        t_alloc = time.perf_counter()
-        if ratios is None:
-            ratios = _layer_ratios(None, pattern, linears, allocator, model, adapter, config, tokens, device,
-                                   offload, progress, stream)
-        t_alloc = time.perf_counter() - t_alloc
-        pipe = BlockPipeline(adapter, device=device, batch_size=config.batch_size,
-                             storage=torch.device("cpu") if offload else device,
-                             offload="cpu" if offload else None, oom_backoff=oom_backoff, stream=stream,
-                             dist=dist, track_dense=config.objective == "dense",
-                             sink=SinkTokens.from_config(config))
-        inputs = pipe.capture(tokens)
-        if resume and start < num_blocks:
-            checkpoint.check_inputs(start)  # under torchrun: every rank's share, or an error on every rank
-            pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
-            if pipe.track_dense:
-                pipe.dense_inputs = checkpoint.dense_inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
-                check_finite(pipe.dense_inputs, f"the checkpoint's dense-model inputs of block {start}")
-        check_finite(inputs, "the inputs of block 0 (the embedding outputs)" if start == 0
-                     else f"the checkpoint's inputs of block {start}")
-        t_capture = time.perf_counter() - t_start - t_alloc
-        hdtype = torch.float64 if config.double_precision else torch.float32
-        options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision,
-                                split=dist)
-        compression = Compression.from_config(config)
-        holdout = HOLDOUT_EVERY if is_auto(config.damp) else None  # --damp auto: fit and held-out Hessians
-        prefix = blocks_path(adapter)
-        pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
-        observers[0].skip(start)
-        with stop_after_block(enabled=checkpoint is not None) as stop:
-            for i in range(start, num_blocks):
-                block = adapter.blocks[i]
-                t_block = time.perf_counter()
-                seed_everything(config.seed + i)  # each block's randomness independent of the blocks before it
-                pm.hook.optima_block_started(index=i, num_blocks=num_blocks)
-                with pipe.onloaded(i) as block:
-                    names = {rel: f"{prefix}.{i}.{rel}" for rel in block_linears(block)}
-                    todo = {rel: block_linears(block)[rel] for rel, full in names.items() if full in linears}
-                    if stream is not None:
-                        for rel, lin in todo.items():
-                            check_finite(lin.weight.detach(), f"{names[rel]}: its weights")
-                    groups = input_groups(block)
-                    terms, hessians = {}, {}
-                    # --objective dense: each input group's H, G and ‖wX_d‖² after the groups before it are pruned,
-                    # against a dense copy of the block (which then advances the dense inputs)
-                    dense_block = copy.deepcopy(block) if pipe.track_dense else None
-                    if dense_block is None and not config.input_recalc:
-                        hessians = pipe.hessians(i, block, todo, groups, hdtype, names, holdout)
-                    for rel, lin in todo.items():
-                        if rel not in hessians:  # this input group's statistics, after those before it
-                            group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
-                            if dense_block is not None:
-                                terms = pipe.dense_statistics(i, block, dense_block, group, groups, hdtype, names)
-                                hessians = {r: t.hessian for r, t in terms.items()}
-                            else:
-                                hessians = pipe.hessians(i, block, group, groups, hdtype, names, holdout)
-                        true_hessian, layer_options = layer_inputs(hessians[rel], options)
-                        true_terms = terms.get(rel)  # the report's headline figures are on these, unshrunk
-                        shrink = layer_shrink(config.hessian_shrink, ratios[names[rel]])
-                        hessian = shrink_to_diagonal(true_hessian, shrink)  # what selection and update solve with
-                        solved_terms = true_terms
-                        if true_terms is not None and shrink:
-                            solved_terms = replace(true_terms, hessian=hessian,
-                                                   cross=shrink_to_diagonal(true_terms.cross, shrink))
-                        with _named_solver_logs(names[rel]):
-                            result = _prune_linear(names[rel], i, lin, hessian, ratios[names[rel]], pattern,
-                                                   selector, updater, layer_options, row_allocator, config,
-                                                   compression, solved_terms,
-                                                   true_hessian=true_hessian if shrink else None,
-                                                   true_terms=true_terms if shrink else None)
-                        result.hessian_stats = pipe.hessian_stats.get(rel)
-                        result.update["hessian_shrink"] = shrink
-                        pm.hook.optima_layer_done(result=result)
-                    del hessians, terms
-                    if dense_block is not None:
-                        pipe.propagate(i, dense_block, dense=True)
-                        check_finite(pipe.dense_inputs, f"the dense model's outputs of block {i}")
-                        del dense_block
-                    pipe.propagate(i, block)
-                    check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
-                    if stream is not None and (dist is None or dist.is_main()):
-                        stream.write_block(i, block)
-                seconds = time.perf_counter() - t_block
-                if checkpoint is not None:
-                    checkpoint.save(i, None if stream is not None else block,  # streamed: the shard is the record
-                                    pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
-                                    ratios=ratios, layers=observers[1].layers,
-                                    block_seconds=observers[1].block_seconds + [seconds], oom_backoff=oom_backoff,
-                                    next_dense=pipe.dense_inputs if i + 1 < num_blocks else None)
-                pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
-                requested = stop.requested
-                if dist is not None and checkpoint is not None:  # the ranks stop after the same block
-                    requested = bool(dist.max_int(int(requested)))
-                if requested and i + 1 < num_blocks:
-                    raise RunInterrupted(f"interrupted after block {i} of {num_blocks}: blocks 0..{i} are saved in "
-                                         f"{config.checkpoint_dir}; run the same command again to resume")
-        report = {
-            "completed": True,
-            "sparsity": _sparsity(observers[1].layers),
-            "summary": summarize(observers[1].layers),
-            "options": config.to_dict(),
-            "device": str(device),
-            "offload": offload,
-            "stream": stream is not None,
-            "layers": observers[1].layers,
-            "allocation": {"method": config.allocation, "rows": config.row_allocation,
-                           "loaded_from": config.load_layer_ratio},
-            "resumed_from_block": start if resume else None,
-            "oom_backoff": oom_backoff,
-            "timings": {
-                "capture_seconds": t_capture,
-                "allocation_seconds": t_alloc,
-                "block_seconds": observers[1].block_seconds,
-                "prune_seconds": time.perf_counter() - t_start,
-            },
-        }
-        if dist is not None:
-            report["distributed"] = distributed_summary(dist, report["timings"], pipe.inputs.shape[0])
-        pm.hook.optima_run_done(report=report)
-        return report
-    except Exception as e:
-        if checkpoint is not None and blocks_done(checkpoint.dir) and (dist is None or dist.is_main()) \
-                and not isinstance(e, WriteFailed):  # a WriteFailed says which blocks are kept
-            log.error("the finished blocks are saved in %s; fix the problem and run the same command to resume",
-                      config.checkpoint_dir)
-        raise
-    finally:
-        for obs in observers:
-            pm.unregister(obs)
+    return run
 
 
-def _layer_ratios(resume, pattern, linears, allocator, model, adapter, config, tokens, device, offload,
-                  progress, stream=None) -> Optional[dict]:
+def _open_checkpoint(run: _Run) -> None:
+    """``--checkpoint_dir``: begin it, or resume from it (restore the finished blocks)."""
+    config, stream = run.config, run.stream
+    if not config.checkpoint_dir:
+        return
+    run.checkpoint = Checkpoint(config.checkpoint_dir, run_identity(config.to_dict(), run.model, stream), run.dist)
+    run.resume = run.checkpoint.load()
+    if run.resume is None:
+        run.checkpoint.begin(run.num_blocks)  # state.json first: the folder is known as this tool's from now on
+        return
+    run.start, run.oom_backoff = run.resume.next_block, list(run.resume.oom_backoff)
+    if stream is not None:
+        lost = [j for j in range(run.start) if not stream.has_block(j)]
+        if lost:
+            raise ValueError(f"--checkpoint_dir {config.checkpoint_dir} lacks the shards of blocks {lost[:5]}; "
+                             "delete that folder to start over")
+    else:
+        run.checkpoint.restore(run.adapter.blocks, run.start)
+    log.info("resuming from %s: blocks 0..%d of %d are pruned already", config.checkpoint_dir, run.start - 1,
+             run.num_blocks)
+
+
+def _allocate(run: _Run, tokenizer) -> tuple[Tensor, float]:
+    """Each linear's ratio (a ratio file before calibration); the calibration tokens and the seconds spent."""
+    config = run.config
+    run.ratios = _layer_ratios(run, None)
+    tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
+    if not run.offload:
+        run.model.to(run.device)
+    t_alloc = time.perf_counter()
+    if run.ratios is None:
+        run.ratios = _layer_ratios(run, tokens)
+    return tokens, time.perf_counter() - t_alloc
+
+
+def _capture(run: _Run, tokens: Tensor) -> BlockPipeline:
+    """The pipeline with the first block's inputs: captured, or the checkpoint's when resuming."""
+    config, start, checkpoint = run.config, run.start, run.checkpoint
+    pipe = BlockPipeline(run.adapter, device=run.device, batch_size=config.batch_size,
+                         storage=torch.device("cpu") if run.offload else run.device,
+                         offload="cpu" if run.offload else None, oom_backoff=run.oom_backoff, stream=run.stream,
+                         dist=run.dist, track_dense=config.objective == "dense",
+                         sink=SinkTokens.from_config(config))
+    inputs = pipe.capture(tokens)
+    if run.resume and start < run.num_blocks:
+        checkpoint.check_inputs(start)  # under torchrun: every rank's share, or an error on every rank
+        pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
+        if pipe.track_dense:
+            pipe.dense_inputs = checkpoint.dense_inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
+            check_finite(pipe.dense_inputs, f"the checkpoint's dense-model inputs of block {start}")
+    check_finite(inputs, "the inputs of block 0 (the embedding outputs)" if start == 0
+                 else f"the checkpoint's inputs of block {start}")
+    return pipe
+
+
+def _prune_blocks(run: _Run, pipe: BlockPipeline) -> None:
+    """The pipeline's loop from the first unfinished block: prune each, write it out, checkpoint it."""
+    config, num_blocks, prefix = run.config, run.num_blocks, run.prefix
+    run.pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
+    run.shown.skip(run.start)
+    started = {}
+
+    def before(i: int) -> None:
+        started[i] = time.perf_counter()
+        seed_everything(config.seed + i)  # each block's randomness independent of the blocks before it
+        run.pm.hook.optima_block_started(index=i, num_blocks=num_blocks)
+
+    def after(i: int, block: nn.Module) -> None:
+        check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
+        if run.stream is not None and (run.dist is None or run.dist.is_main()):
+            run.stream.write_block(i, block)
+
+    with stop_after_block(enabled=run.checkpoint is not None) as stop:
+        pipe.run(range(run.start, num_blocks), lambda i, block: _prune_block(run, pipe, i, block), before=before,
+                 after=after, done=lambda i: _block_done(run, pipe, i, time.perf_counter() - started[i], stop))
+
+
+def _block_done(run: _Run, pipe: BlockPipeline, i: int, seconds: float, stop) -> None:
+    """Checkpoint block ``i`` (offloaded), announce it, and stop here when Ctrl-C asked for it."""
+    num_blocks, checkpoint = run.num_blocks, run.checkpoint
+    if checkpoint is not None:
+        checkpoint.save(i, None if run.stream is not None else run.adapter.blocks[i],  # streamed: the shard is it
+                        pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
+                        ratios=run.ratios, layers=run.report.layers,
+                        block_seconds=run.report.block_seconds + [seconds], oom_backoff=run.oom_backoff,
+                        next_dense=pipe.dense_inputs if i + 1 < num_blocks else None)
+    run.pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
+    requested = stop.requested
+    if run.dist is not None and checkpoint is not None:  # the ranks stop after the same block
+        requested = bool(run.dist.max_int(int(requested)))
+    if requested and i + 1 < num_blocks:
+        raise RunInterrupted(f"interrupted after block {i} of {num_blocks}: blocks 0..{i} are saved in "
+                             f"{run.config.checkpoint_dir}; run the same command again to resume")
+
+
+def _prune_block(run: _Run, pipe: BlockPipeline, i: int, module: nn.Module) -> None:
+    """Block ``i``: its statistics, then per linear select → update → refine → compress → record; the dense
+    copy's outputs advance the dense inputs (``--objective dense``)."""
+    names = {rel: f"{run.prefix}.{i}.{rel}" for rel in block_linears(module)}
+    todo = {rel: block_linears(module)[rel] for rel, full in names.items() if full in run.linears}
+    if run.stream is not None:
+        for rel, lin in todo.items():
+            check_finite(lin.weight.detach(), f"{names[rel]}: its weights")
+    # --objective dense: each input group's H, G and ‖wX_d‖² after the groups before it are pruned,
+    # against a dense copy of the block (which then advances the dense inputs)
+    block = _Block(i, module, names, todo, input_groups(module),
+                   copy.deepcopy(module) if pipe.track_dense else None)
+    terms, hessians = {}, {}
+    if block.dense is None and not run.config.input_recalc:
+        hessians = pipe.hessians(i, module, todo, block.groups, _hdtype(run), names, _holdout(run))
+    for rel, lin in todo.items():
+        if rel not in hessians:  # this input group's statistics, after those before it
+            terms, hessians = _group_statistics(run, pipe, block, rel)
+        _prune_one(run, pipe, block, rel, hessians[rel], terms.get(rel))
+    del hessians, terms
+    if block.dense is not None:
+        pipe.propagate(i, block.dense, dense=True)
+        check_finite(pipe.dense_inputs, f"the dense model's outputs of block {i}")
+
+
+def _hdtype(run: _Run) -> torch.dtype:
+    return torch.float64 if run.config.double_precision else torch.float32
+
+
+def _holdout(run: _Run) -> Optional[int]:
+    """--damp auto: every how many windows one is held out (fit and held-out Hessians)."""
+    return HOLDOUT_EVERY if is_auto(run.config.damp) else None
+
+
+def _group_statistics(run: _Run, pipe: BlockPipeline, block: _Block, rel: str) -> tuple[dict, dict]:
+    """``(terms, hessians)`` of the input group of ``rel`` (``--input_recalc`` / ``--objective dense``)."""
+    todo, groups = block.todo, block.groups
+    group = {g: todo[g] for g in next(g for g in groups if rel in g) if g in todo}
+    if block.dense is not None:
+        terms = pipe.dense_statistics(block.index, block.module, block.dense, group, groups, _hdtype(run),
+                                      block.names)
+        return terms, {r: t.hessian for r, t in terms.items()}
+    return {}, pipe.hessians(block.index, block.module, group, groups, _hdtype(run), block.names, _holdout(run))
+
+
+def _prune_one(run: _Run, pipe: BlockPipeline, block: _Block, rel: str, hessian, true_terms) -> None:
+    """Shrink the statistics as ``--hessian_shrink`` says, prune linear ``rel``, record it."""
+    name = block.names[rel]
+    true_hessian, layer_options = layer_inputs(hessian, run.work.options)
+    # the report's headline figures are on true_hessian / true_terms, unshrunk
+    shrink = layer_shrink(run.config.hessian_shrink, run.ratios[name])
+    solved = shrink_to_diagonal(true_hessian, shrink)  # what selection and update solve with
+    solved_terms = true_terms
+    if true_terms is not None and shrink:
+        solved_terms = replace(true_terms, hessian=solved, cross=shrink_to_diagonal(true_terms.cross, shrink))
+    stats = LayerStats(solved, run.ratios[name], solved_terms, true_hessian if shrink else None,
+                       true_terms if shrink else None)
+    with _named_solver_logs(name):
+        result = _prune_linear(name, block.index, block.todo[rel], stats, replace(run.work, options=layer_options))
+    result.hessian_stats = pipe.hessian_stats.get(rel)
+    result.update["hessian_shrink"] = shrink
+    run.pm.hook.optima_layer_done(result=result)
+
+
+def _report(run: _Run, pipe: BlockPipeline, timings: dict) -> dict:
+    """The JSON-ready report of a completed run."""
+    config, layers = run.config, run.report.layers
+    report = {
+        "completed": True,
+        "sparsity": _sparsity(layers),
+        "summary": summarize(layers),
+        "options": config.to_dict(),
+        "device": str(run.device),
+        "offload": run.offload,
+        "stream": run.stream is not None,
+        "layers": layers,
+        "allocation": {"method": config.allocation, "rows": config.row_allocation,
+                       "loaded_from": config.load_layer_ratio},
+        "resumed_from_block": run.start if run.resume else None,
+        "oom_backoff": run.oom_backoff,
+        "timings": timings,
+    }
+    if run.dist is not None:
+        report["distributed"] = distributed_summary(run.dist, report["timings"], pipe.inputs.shape[0])
+    return report
+
+
+def _layer_ratios(run: _Run, tokens: Optional[Tensor]) -> Optional[dict]:
     """Each linear's ratio: from the checkpoint, the N:M pattern, a ratio file, or the allocator.
 
     Without ``tokens`` only what needs no calibration is resolved (so a bad ratio
     file fails before calibration); None means: call again with the tokens.
     """
-    if resume is not None:
-        return resume.ratios
+    config, pattern = run.config, run.config.pattern
+    if run.resume is not None:
+        return run.resume.ratios
     if pattern.structured:
-        return {name: pattern.ratio for name in linears}
+        return {name: pattern.ratio for name in run.linears}
     if tokens is None and not config.load_layer_ratio:
         return None
-    context = AllocationContext(model, adapter, config.sparsity_ratio, linears, config=config, tokens=tokens,
-                                device=device, offload=offload, progress=progress, stream=stream,
-                                dist=current_job())
-    return resolve_layer_ratios(allocator, context)
+    context = AllocationContext(run.model, run.adapter, config.sparsity_ratio, run.linears, config=config,
+                                tokens=tokens, device=run.device, offload=run.offload, progress=run.progress,
+                                stream=run.stream, dist=current_job())
+    return resolve_layer_ratios(run.allocator, context)
+
 
 
 def distributed_summary(dist, timings: dict, windows: int) -> dict:
@@ -413,73 +549,33 @@ def error_ratio(objective: float, mask_objective: float) -> float:
     return objective / mask_objective if mask_objective > 0 else (0.0 if objective == 0 else 1.0)
 
 
-def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, updater, options,
-                  row_allocator=None, config=None, compression: Optional[Compression] = None,
-                  dense_terms: Optional[DenseTerms] = None, *, true_hessian: Optional[Tensor] = None,
-                  true_terms: Optional[DenseTerms] = None) -> LayerResult:
-    """Select, update, keep the better of update and mask only, write the weights, compress.
+def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats, work: LinearWork) -> LayerResult:
+    """Select, update, refine, keep the better of update and mask only, write the weights, compress.
 
-    ``hessian`` (and ``dense_terms``) are what the selector, row allocator, updater and compression solve
-    with: under ``--hessian_shrink`` the shrunk statistics. ``true_hessian`` / ``true_terms``: the unshrunk
-    calibration statistics (None: nothing was shrunk, the same as ``hessian`` / ``dense_terms``). The
-    headline ``objective``, ``mask_objective`` and ``error_ratio`` (and the keep-the-better check) are
-    measured on the true statistics; ``solved_*`` are the same figures of the problem the updater solved
-    (equal to the headline ones when nothing was shrunk, computed once).
+    The headline ``objective``, ``mask_objective`` and ``error_ratio`` (and the keep-the-better check) are
+    measured on the true statistics (:class:`LayerStats`); ``solved_*`` are the same figures of the problem
+    the updater solved (equal to the headline ones when nothing was shrunk, computed once).
 
-    ``dense_terms`` (``--objective dense``): the updater solves for the target rows ``T`` of
+    ``stats.dense_terms`` (``--objective dense``): the updater solves for the target rows ``T`` of
     :func:`~optima_plugin.objective.dense_target`; the headline objectives are the dense objective
     :func:`~optima_plugin.objective.dense_objective` ``‖W X_d − Ŵ X_p‖²/N`` of the update and of the mask-only
     dense weights on the true statistics, and under a shrink the solved ones are the solver's own objective,
     ``Σ_rows (ŵ − t)ᵀ H (ŵ − t)`` with the shrunk ``H``.
     """
     t0 = time.perf_counter()
-    dense = lin.weight.detach()
-    work = dense.float() if dense.dtype not in (torch.float32, torch.float64) else dense
-    rows = None
-    if row_allocator is not None:  # per-row ratios around the layer's ratio (TRIM)
-        allocation = row_allocator.row_ratios(work, hessian, ratio, selector, config)
-        ratio = allocation.ratios
-        rows = dict(row_summary(ratio), **allocation.stats)
-    named = {"name": name} if getattr(selector, "needs_name", False) else {}
-    selection = selector.select(work, hessian, ratio, pattern, **named)
-    target = None
-    if dense_terms is None:
-        upd = updater.update(dense, selection, hessian, options)
-    else:  # the same problem with the target rows T (float32/64) in place of the dense weights
-        target, target_damp = dense_target(work, hessian, dense_terms.cross, options.damp)
-        upd = updater.update(target, selection, hessian, replace(options, damp=target_damp))
-        upd.mask_objective = None  # that is ‖T∘mask − T‖, not the mask-only dense weights' figure
-        upd.stats.update(objective_kind="dense", target_damp=target_damp,
-                         dense_energy=float(dense_terms.energy.double().sum()))
-        upd.target = target  # --refine_mask refines towards T too
-        if "damp_escalated" in upd.stats:
-            upd.stats["damp_escalated"] = bool(upd.stats["damp_escalated"] or target_damp != options.damp)
+    dense, hessian, config = lin.weight.detach(), stats.hessian, work.config
+    ratio, rows = _row_ratios(dense, stats, work)
+    named = {"name": name} if getattr(work.selector, "needs_name", False) else {}
+    selection = work.selector.select(_working(dense), hessian, ratio, work.pattern, **named)
+    upd, target = _update(dense, selection, stats, work)
     mask_only = dense.masked_fill(selection.pruned, 0)  # the selector's mask: mask_objective stays its figure
     refined, selected = None, selection
     if config is not None and config.refine_mask != "none" and hessian is not None:
-        selection, upd, refined = _refine(selection, upd, dense, hessian, pattern, options, config)
+        selection, upd, refined = _refine(selection, upd, dense, hessian, work)
     new = upd.weight.to(dense.dtype)
-    check_finite(new, f"{name}: the weights of the {updater.name} update")
-    accepted = True
-    shrunk = true_hessian is not None or true_terms is not None
-    objective = mask_objective = ratio_true = None
-    solved = solved_mask = ratio_solved = None
-    if dense_terms is not None:
-        truth = true_terms if true_terms is not None else dense_terms
-        mask_objective, objective = (dense_objective(dense, w, truth) for w in (mask_only, new))
-        if shrunk:  # the solver's objective: the distance to T under the shrunk H (a squared norm)
-            solved_mask = reconstruction_error(target, mask_only, hessian)
-            solved = upd.objective if upd.objective is not None else reconstruction_error(target, new, hessian)
-    elif hessian is not None:  # the updater's own figures when it measured them (one r x d x d product each)
-        solved_mask = upd.mask_objective if upd.mask_objective is not None else \
-            reconstruction_error(dense, mask_only, hessian)
-        solved = upd.objective if upd.objective is not None else reconstruction_error(dense, new, hessian)
-        if shrunk:
-            mask_objective, objective = (reconstruction_error(dense, w, true_hessian) for w in (mask_only, new))
-        else:
-            mask_objective, objective = solved_mask, solved
-    if not shrunk:
-        solved, solved_mask = objective, mask_objective
+    check_finite(new, f"{name}: the weights of the {work.updater.name} update")
+    accepted, ratio_true, ratio_solved = True, None, None
+    objective, mask_objective, solved, solved_mask = _objectives(dense, new, mask_only, target, upd, stats)
     if objective is not None:
         if objective > mask_objective:  # keep the better of before/after, on the true statistics
             log.warning("%s: update is worse than the mask alone (%.4g > %.4g); keeping the mask only",
@@ -487,11 +583,12 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
             new, objective, accepted, selection = mask_only, mask_objective, False, selected
             solved = solved_mask
         ratio_true, ratio_solved = error_ratio(objective, mask_objective), error_ratio(solved, solved_mask)
+    compression = work.compression
     original = dense.clone() if compression is not None else None  # ``dense`` is the parameter, written next
     with torch.no_grad():
         lin.weight.copy_(new.masked_fill(selection.pruned, 0))
     sparsity = float((lin.weight == 0).float().mean())  # of the pruned weights (a merged adapter fills them)
-    figures = compression.apply(name, lin, original, selection.pruned, hessian, true_hessian=true_hessian) \
+    figures = compression.apply(name, lin, original, selection.pruned, hessian, true_hessian=stats.true_hessian) \
         if compression is not None else None
     return LayerResult(
         name=name, block=block_index, shape=list(dense.shape),
@@ -504,23 +601,77 @@ def _prune_linear(name, block_index, lin, hessian, ratio, pattern, selector, upd
     )
 
 
-def _refine(selection, upd, dense, hessian, pattern, options: UpdateOptions, config: PruneConfig):
+def _working(dense: Tensor) -> Tensor:
+    """The weights the selector and row allocator read: float32/64 (a float16/bfloat16 layer as float32)."""
+    return dense.float() if dense.dtype not in (torch.float32, torch.float64) else dense
+
+
+def _row_ratios(dense: Tensor, stats: LayerStats, work: LinearWork) -> tuple:
+    """``(ratio, rows)``: with a row allocator (TRIM) per-row ratios around the layer's and their summary."""
+    if work.row_allocator is None:
+        return stats.ratio, None
+    allocation = work.row_allocator.row_ratios(_working(dense), stats.hessian, stats.ratio, work.selector,
+                                               work.config)
+    return allocation.ratios, dict(row_summary(allocation.ratios), **allocation.stats)
+
+
+def _update(dense: Tensor, selection, stats: LayerStats, work: LinearWork) -> tuple:
+    """``(update, target)``: the updater's weights for ``selection``; ``--objective dense``: towards the target
+    rows ``T`` (float32/64) in place of the dense weights (``target`` None otherwise)."""
+    hessian, options, terms = stats.hessian, work.options, stats.dense_terms
+    if terms is None:
+        return work.updater.update(dense, selection, hessian, options), None
+    target, target_damp = dense_target(_working(dense), hessian, terms.cross, options.damp)
+    upd = work.updater.update(target, selection, hessian, replace(options, damp=target_damp))
+    upd.mask_objective = None  # that is ‖T∘mask − T‖, not the mask-only dense weights' figure
+    upd.stats.update(objective_kind="dense", target_damp=target_damp, dense_energy=float(terms.energy.double().sum()))
+    upd.target = target  # --refine_mask refines towards T too
+    if "damp_escalated" in upd.stats:
+        upd.stats["damp_escalated"] = bool(upd.stats["damp_escalated"] or target_damp != options.damp)
+    return upd, target
+
+
+def _objectives(dense: Tensor, new: Tensor, mask_only: Tensor, target, upd, stats: LayerStats) -> tuple:
+    """``(objective, mask_objective, solved, solved_mask)`` of the update and the mask alone: the headline
+    ones on the true statistics, the solved ones on what the updater solved (None without statistics)."""
+    hessian, terms = stats.hessian, stats.dense_terms
+    shrunk = stats.true_hessian is not None or stats.true_terms is not None
+    objective = mask_objective = solved = solved_mask = None
+    if terms is not None:
+        truth = stats.true_terms if stats.true_terms is not None else terms
+        mask_objective, objective = (dense_objective(dense, w, truth) for w in (mask_only, new))
+        if shrunk:  # the solver's objective: the distance to T under the shrunk H (a squared norm)
+            solved_mask = reconstruction_error(target, mask_only, hessian)
+            solved = upd.objective if upd.objective is not None else reconstruction_error(target, new, hessian)
+    elif hessian is not None:  # the updater's own figures when it measured them (one r x d x d product each)
+        solved_mask = upd.mask_objective if upd.mask_objective is not None else \
+            reconstruction_error(dense, mask_only, hessian)
+        solved = upd.objective if upd.objective is not None else reconstruction_error(dense, new, hessian)
+        if shrunk:
+            mask_objective, objective = (reconstruction_error(dense, w, stats.true_hessian) for w in (mask_only, new))
+        else:
+            mask_objective, objective = solved_mask, solved
+    if not shrunk:
+        solved, solved_mask = objective, mask_objective
+    return objective, mask_objective, solved, solved_mask
+
+
+def _refine(selection, upd, dense: Tensor, hessian: Tensor, work: LinearWork) -> tuple:
     """``--refine_mask``: the refined ``(selection, update, stats)`` (:func:`optima_plugin.refine.refine_mask`).
 
     The target is the dense weights (or ``upd.target`` when an updater provides one). Under torchrun every rank
     refines the same gathered weights with the same arguments, and rank 0's mask and weights are broadcast so
     that all ranks surely end equal.
     """
-    from dataclasses import replace as dc_replace
-
     from .refine import refine_mask
 
+    options, config = work.options, work.config
     damp = upd.stats.get("damp", options.damp)
     if damp is None or is_auto(damp):  # --damp auto chose the mask alone for this layer: nothing fitted to refine
         return selection, upd, None
     target = getattr(upd, "target", None)
     target = dense if target is None else target
-    ref = refine_mask(config.refine_mask, target, upd.weight, selection.pruned, hessian, pattern=pattern,
+    ref = refine_mask(config.refine_mask, target, upd.weight, selection.pruned, hessian, pattern=work.pattern,
                       iterations=config.refine_iters, solver=options.solver,
                       damp=damp, tol=options.tol, max_iter=options.max_iter,
                       double_precision=options.double_precision)
@@ -529,9 +680,7 @@ def _refine(selection, upd, dense, hessian, pattern, options: UpdateOptions, con
     if split is not None and split.world_size > 1:
         pruned, weight = split.broadcast(pruned), split.broadcast(weight)
     objective = ref.objective if upd.objective is not None else None
-    return (dc_replace(selection, pruned=pruned), dc_replace(upd, weight=weight, objective=objective),
-            ref.stats())
-
+    return (replace(selection, pruned=pruned), replace(upd, weight=weight, objective=objective), ref.stats())
 
 def _sparsity(layers: list) -> float:
     """Zero fraction over the pruned linears, from the report's rows (each counted when it was pruned)."""

@@ -2,17 +2,18 @@
 
     pipe = BlockPipeline(adapter, device=..., batch_size=..., storage=..., offload=...)
     pipe.capture(tokens)                      # block-0 inputs, every block's call kwargs
-    for i in ...:
-        with pipe.onloaded(i) as block:       # onload (streamed: read from disk); offload after
-            stats = pipe.statistics(i, block, {key: module}, make)   # forward hooks, one pass
-            ...per-linear work...
-            pipe.propagate(i, block)          # the block's outputs become the next inputs
+
+    def on_block(i, block):                   # the caller's work on onloaded block i
+        stats = pipe.statistics(i, block, {key: module}, make)   # forward hooks, one pass (all-reduced)
+        ...per-linear work...
+
+    pipe.run(range(start, stop), on_block)    # per block: onload, on_block, propagate, offload
 
 Users: the engine (:func:`~optima_plugin.engine.prune_model`), the OWL statistics pass
 (:mod:`optima_plugin.allocators.statistics`), the host seam's own pass
 (:meth:`optima_plugin.host.seam.HostSeam._own_pass`) and the block-by-block perplexity of a
 streamed model (:func:`~optima_plugin.evaluation.perplexity.perplexity_streamed`). Forward
-hooks are registered and removed here only (:func:`hooked`); out of memory halves the windows per forward
+hooks are registered and removed here only (:func:`hooked`, :func:`registered`); out of memory halves the windows per forward
 (down to one) and is recorded in ``oom_backoff``. The pipeline knows no plugin.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +67,51 @@ def hooked(modules: dict, make: Callable[[], object], twins: Optional[dict] = No
             h.remove()
 
 
+class Hooks:
+    """Forward (pre-)hooks kept for a lifetime longer than one pass (the host seam's), removed by :meth:`remove`."""
+
+    def __init__(self) -> None:
+        self._handles: list = []
+
+    def forward(self, module: nn.Module, hook: Callable) -> None:
+        """``hook(module, inputs, output)`` after each forward of ``module``."""
+        self._handles.append(module.register_forward_hook(hook))
+
+    def pre_forward(self, module: nn.Module, hook: Callable) -> None:
+        """``hook(module, inputs)`` before each forward of ``module``."""
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        """Remove every hook added so far."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@contextmanager
+def onloaded_block(adapter: ModelAdapter, index: int, device: Optional[torch.device | str], *, stream=None,
+                   offload: Optional[torch.device | str] = None) -> Iterator[nn.Module]:
+    """Block ``index`` on ``device`` for the body, then offloaded (or put back where it was); ``device`` None:
+    left where it is. Streamed: read from disk (to ``device``, default CPU), then freed."""
+    if stream is not None:
+        block = stream.load_block(index, device if device is not None else "cpu")
+        try:
+            yield block
+        finally:
+            stream.release_block(index)
+        return
+    block = adapter.blocks[index]
+    if device is None:
+        yield block
+        return
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield block
+    finally:  # also after a failure, so a caller that goes on finds the block where it was
+        block.to(offload if offload is not None else home)
+
+
 def halve(batch: int, what: str, device: torch.device) -> int:
     """The batch after an out-of-memory error in ``what``; re-raises at batch 1."""
     if batch == 1:
@@ -102,7 +148,7 @@ class BlockPipeline:
             disk at onload and freed (back to the meta device) at offload; ``offload`` is unused.
         dist: under torchrun, the job's :class:`~optima_plugin.distributed.Distributed`: this rank
             captures and propagates only its share of the windows, and :meth:`hessians` are
-            all-reduced (token-weighted); users of :meth:`statistics` reduce their own accumulators.
+            all-reduced (token-weighted), as are :meth:`statistics`' accumulators that have an ``all_reduce``.
         track_dense: also carry the dense model's block inputs (``dense_inputs``, beside ``inputs`` on
             ``storage``) for ``--objective dense``: :meth:`dense_statistics` advances them.
         sink: how :meth:`hessians` treat attention-sink tokens (:class:`~optima_plugin.hessian.SinkTokens`);
@@ -145,21 +191,31 @@ class BlockPipeline:
     @contextmanager
     def onloaded(self, index: int) -> Iterator[nn.Module]:
         """Block ``index`` on the device for the body, then offloaded (or put back where it was);
-        streamed: read from disk, then freed."""
-        if self.stream is not None:
-            block = self.stream.load_block(index, self.device)
-            try:
-                yield block
-            finally:
-                self.stream.release_block(index)
-            return
-        block = self.adapter.blocks[index]
-        home = next(block.parameters()).device
-        block.to(self.device)
-        try:
+        streamed: read from disk, then freed (:func:`onloaded_block`)."""
+        with onloaded_block(self.adapter, index, self.device, stream=self.stream,
+                            offload=None if self.stream is not None else self.offload) as block:
             yield block
-        finally:  # also after a failure, so a caller that goes on finds the block where it was
-            block.to(self.offload if self.offload is not None else home)
+
+    def run(self, blocks: Iterable[int], on_block: Callable[[int, nn.Module], None], *,
+            propagate: bool | Callable[[int], bool] = True, before: Optional[Callable[[int], None]] = None,
+            after: Optional[Callable[[int, nn.Module], None]] = None,
+            done: Optional[Callable[[int], None]] = None) -> None:
+        """The block loop: per index of ``blocks``, ``before(index)``, onload, ``on_block(index, block)``,
+        propagate, ``after(index, block)`` (still onloaded: e.g. write the block out), offload, ``done(index)``.
+
+        ``propagate``: False when ``on_block`` advances the inputs itself (an ``outputs=True``
+        :meth:`statistics` pass), or ``propagate(index)`` to decide per block."""
+        for index in blocks:
+            if before is not None:
+                before(index)
+            with self.onloaded(index) as block:
+                on_block(index, block)
+                if propagate(index) if callable(propagate) else propagate:
+                    self.propagate(index, block)
+                if after is not None:
+                    after(index, block)
+            if done is not None:
+                done(index)
 
     def _chunks(self, block: nn.Module, index: int, batch: int, before: Callable[[int, int], None] = lambda s, n: None):
         """``(start, outputs)`` per forward of ``batch`` windows; ``before(start, count)`` is called ahead of each."""
@@ -182,6 +238,8 @@ class BlockPipeline:
         :class:`~optima_plugin.damping.HeldOutAccumulator`).
         ``outputs``: the same pass also replaces the inputs by the block's outputs (a dense
         pass whose statistics do not change the block); it cannot start over, so no back-off.
+        Under torchrun an accumulator with an ``all_reduce(dist, in_features)`` method is then all-reduced over
+        the ranks (each rank passed its share of the windows).
         """
         batch = self.batch_size
         with torch.no_grad():
@@ -197,13 +255,18 @@ class BlockPipeline:
                         for start, out in self._chunks(block, index, batch, before):
                             if outputs:
                                 self.inputs[start : start + batch] = out.to(self.inputs.device, self.inputs.dtype)
-                    return accs
+                    break
                 except torch.OutOfMemoryError:
                     if outputs:
                         raise
                     accs = None
                     batch = halve(batch, f"the statistics pass of block {index}", self.device)
                     self.oom_backoff.append({"block": index, "pass": "hessian", "batch": batch})
+        if self.dist is not None:
+            for key, acc in accs.items():
+                if hasattr(acc, "all_reduce"):
+                    acc.all_reduce(self.dist, modules[key].in_features)
+        return accs
 
     def hessians(self, index: int, block: nn.Module, todo: dict, groups, dtype: torch.dtype,
                  names: Optional[dict] = None, holdout: Optional[int] = None) -> dict:

@@ -81,3 +81,45 @@ def test_a_failing_block_is_still_offloaded(tokens):
         with pipe.onloaded(1):
             raise RuntimeError("solver crashed")
     assert moves == [torch.device("cpu"), "cpu"]  # onloaded, then offloaded despite the failure
+
+
+def test_run_owns_the_loop_in_order_and_matches_the_models_own_hidden_states(tokens):
+    model = tiny_model("llama")
+    pipe = _pipe(model, tokens)
+    events = []
+    pipe.run(range(2), lambda i, block: events.append(("work", i, _hooks(block))),
+             before=lambda i: events.append(("before", i)), after=lambda i, block: events.append(("after", i)),
+             done=lambda i: events.append(("done", i)))
+    assert events == [("before", 0), ("work", 0, 0), ("after", 0), ("done", 0),
+                      ("before", 1), ("work", 1, 0), ("after", 1), ("done", 1)]
+    with torch.no_grad():  # the oracle: the model's own forward, hidden state after block 1
+        want = model(input_ids=tokens, output_hidden_states=True, use_cache=False).hidden_states[2]
+    torch.testing.assert_close(pipe.inputs, want, rtol=1e-5, atol=1e-5)  # float32, batched differently
+
+
+def test_statistics_all_reduce_the_accumulators_that_can(tokens):
+    class Dist:  # a job of two ranks with the same windows: every sum doubles
+        def sum_(self, t):
+            return t * 2
+
+    class Norms:
+        def __init__(self):
+            self.sum, self.tokens = None, 0
+
+        def hook(self, module, inputs, output):
+            s = inputs[0].detach().double().pow(2).reshape(-1, inputs[0].shape[-1]).sum(0)
+            self.sum, self.tokens = (s if self.sum is None else self.sum + s), self.tokens + inputs[0].shape[:-1].numel()
+
+        def all_reduce(self, dist, d):
+            self.sum, self.tokens = dist.sum_(self.sum), self.tokens * 2
+
+    model = tiny_model("llama")
+    pipe = _pipe(model, tokens)
+    pipe.dist = Dist()
+    with pipe.onloaded(0) as block:
+        q = block_linears(block)["self_attn.q_proj"]
+        got = pipe.statistics(0, block, {"q": q}, Norms)["q"]
+        pipe.dist = None
+        one = pipe.statistics(0, block, {"q": q}, Norms)["q"]
+    assert got.tokens == 2 * one.tokens == 2 * tokens.numel()
+    torch.testing.assert_close(got.sum, 2 * one.sum)

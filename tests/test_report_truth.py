@@ -268,9 +268,10 @@ def test_dense_objective_of_one_layer_with_correlated_inputs_is_never_negative()
                      cross=_shrunk(true.cross.double(), ALPHA).float())
     lin = nn.Linear(d, r, bias=False)
     lin.weight.data.copy_(w)
-    res = engine._prune_linear("layer", 0, lin, shrunk.hessian, 0.5, Pattern(), lookup("selectors", "magnitude", ""),
-                               lookup("updaters", "optima", ""), UpdateOptions(solver="direct"), dense_terms=shrunk,
-                               true_hessian=true.hessian, true_terms=true)
+    work = engine.LinearWork(lookup("selectors", "magnitude", ""), lookup("updaters", "optima", ""),
+                             UpdateOptions(solver="direct"), Pattern())
+    stats = engine.LayerStats(shrunk.hessian, 0.5, dense_terms=shrunk, true_hessian=true.hessian, true_terms=true)
+    res = engine._prune_linear("layer", 0, lin, stats, work)
     new = lin.weight.detach().double()
     mask_only = w.double().masked_fill(new == 0, 0)
 

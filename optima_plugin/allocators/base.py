@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import block_linears
+from ..pipeline import onloaded_block
 
 
 @dataclass
@@ -62,13 +63,8 @@ class AllocationContext:
         for index, group in enumerate(linears_by_block(self)):
             if not group:
                 continue
-            if self.stream is not None:
-                self.stream.load_block(index, "cpu")
-            try:
+            with onloaded_block(self.adapter, index, None, stream=self.stream):
                 yield {name: lin.weight.detach() for name, lin in group.items()}
-            finally:
-                if self.stream is not None:
-                    self.stream.release_block(index)
 
     def weights(self) -> Iterator[tuple[str, Tensor]]:
         """``(full name, weight)`` of every linear to prune, in block order (see :meth:`block_weights`)."""

@@ -39,6 +39,11 @@ class ColumnNorms:
         self.sum = s if self.sum is None else self.sum + s
         self.tokens += x.shape[0]
 
+    def all_reduce(self, dist, d: int) -> None:
+        """Sum the sums and token counts of every rank (each passed its share of the windows)."""
+        self.sum = dist.sum_(self.sum if self.sum is not None else torch.zeros(d))
+        self.tokens = int(dist.sum_(torch.tensor([float(self.tokens)], dtype=torch.float64)))
+
     @property
     def mean(self) -> Tensor:
         """``(d,)`` float32 mean squared input per column."""
@@ -63,13 +68,11 @@ def dense_input_norms(context: AllocationContext) -> dict[str, Tensor]:
     norms: dict[str, Tensor] = {}
     groups = linears_by_block(context)
     last = max((i for i, g in enumerate(groups) if g), default=-1)
-    for i in tqdm(range(last + 1), desc="dense statistics", unit="block", disable=not context.progress):
-        with pipe.onloaded(i) as block:
-            accs = pipe.statistics(i, block, groups[i], ColumnNorms, outputs=True)
-            if context.dist is not None:  # this rank's windows only: sum the sums and the token counts
-                for name, acc in accs.items():
-                    d = groups[i][name].in_features
-                    acc.sum = context.dist.sum_(acc.sum if acc.sum is not None else torch.zeros(d))
-                    acc.tokens = int(context.dist.sum_(torch.tensor([float(acc.tokens)], dtype=torch.float64)))
+
+    def on_block(i: int, block: nn.Module) -> None:  # the pass also advances the inputs (outputs=True)
+        accs = pipe.statistics(i, block, groups[i], ColumnNorms, outputs=True)
         norms.update({name: acc.mean.cpu() for name, acc in accs.items()})
+
+    pipe.run(tqdm(range(last + 1), desc="dense statistics", unit="block", disable=not context.progress), on_block,
+             propagate=False)
     return norms

@@ -67,9 +67,8 @@ def perplexity_streamed(stream, tokens: torch.Tensor, seqlen: int, *, max_window
     adapter = stream.adapter
     pipe = BlockPipeline(adapter, device=device, batch_size=batch_size, storage=torch.device("cpu"), stream=stream)
     pipe.capture(windows)
-    for i in tqdm(range(len(adapter.blocks)), desc="perplexity (streamed)", unit="block", disable=not progress):
-        with pipe.onloaded(i) as block:
-            pipe.propagate(i, block)
+    pipe.run(tqdm(range(len(adapter.blocks)), desc="perplexity (streamed)", unit="block", disable=not progress),
+             lambda i, block: None)  # nothing but onload, propagate, offload
     total, count = 0.0, 0
     with non_blocks_on(adapter, device, root=stream.model):
         for start in range(0, windows.shape[0], batch_size):

@@ -59,7 +59,7 @@ from ..files import write_json
 from ..hessian import HessianAccumulator, layer_shrink, shrink_to_diagonal
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
 from ..memory import release_freed_memory
-from ..pipeline import BlockPipeline
+from ..pipeline import BlockPipeline, Hooks
 from ..plugins import get_plugin_manager, lookup
 from ..solvers.problem import reconstruction_error
 from .selection import reselect
@@ -248,7 +248,7 @@ class HostSeam:
         #: the block of the host's loop running now (None outside it: loading, a whole-model forward)
         self.in_block: Optional[int] = None
         self._busy = False
-        self._handles: list = []
+        self._hooks = Hooks()  # registered through the pipeline's API (optima_plugin.pipeline)
         self._tokens: Optional[Tensor] = None
         #: where dense weights come from for a block the seam has no snapshot of (None: nowhere)
         self.checkpoint: Optional[CheckpointWeights] = None
@@ -283,9 +283,9 @@ class HostSeam:
             }
             st = BlockState(index=i, block=block, linears=states)
             self.blocks.append(st)
-            self._handles.append(block.register_forward_pre_hook(self._block_hook(i)))
+            self._hooks.pre_forward(block, self._block_hook(i))
             for owner in sorted(set(owners.values())):
-                self._handles.append(linears[owner].register_forward_hook(self._collector(st, owner)))
+                self._hooks.forward(linears[owner], self._collector(st, owner))
             # The fingerprints' temporaries (an int64 copy of each weight, a bool one for the zeros) are freed at
             # once, but the small per-row results kept here land in their holes and glibc can reuse none of
             # them: on SmolLM2-135M the load left 1.1 GB of freed heap resident before the host's first block.
@@ -350,9 +350,7 @@ class HostSeam:
 
     def detach(self) -> None:
         """Remove the seam's hooks and forget the model."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self.blocks.clear()
         self.checkpoint = None
         self.model = self.adapter = None
@@ -579,18 +577,18 @@ class HostSeam:
         pipe = BlockPipeline(self.adapter, device=resolve_device(self.settings.device), batch_size=1)
         pipe.capture(self._calibration())
         last = max(pending)
+
+        def on_block(index: int, block: nn.Module) -> None:
+            st, todo = self.blocks[index], pending.get(index, [])
+            if todo:
+                hessians = self._dense_hessians(pipe, st, todo)
+                for ls in todo:
+                    self._emit(st, ls, hessians[ls.owner])
+                if st.index != self._current:
+                    self._drop(st)  # one block's dense weights at a time
+
         with torch.no_grad():
-            for st in self.blocks[: last + 1]:
-                with pipe.onloaded(st.index):
-                    todo = pending.get(st.index, [])
-                    if todo:
-                        hessians = self._dense_hessians(pipe, st, todo)
-                        for ls in todo:
-                            self._emit(st, ls, hessians[ls.owner])
-                        if st.index != self._current:
-                            self._drop(st)  # one block's dense weights at a time
-                    if st.index < last:
-                        pipe.propagate(st.index, st.block)
+            pipe.run(range(last + 1), on_block, propagate=lambda index: index < last)
         self.own_passes.append({"blocks": sorted(pending), "seconds": time.perf_counter() - t0})
         log.info("optima-host: own statistics pass for %d block(s) in %.1f s", len(pending),
                  time.perf_counter() - t0)
