@@ -54,7 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from ..data import get_calibration
-from ..engine import LayerResult, blocks_path, error_ratio, resolve_device
+from ..acceptance import error_ratio, keep_better
+from ..engine import LayerResult, blocks_path, resolve_device
 from ..files import write_json
 from ..hessian import HessianAccumulator, layer_shrink, shrink_to_diagonal
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
@@ -531,11 +532,13 @@ class HostSeam:
         same = host.dtype == mask_only.dtype and torch.equal(host, mask_only)
         host_objective = mask_objective if same else reconstruction_error(dense, host, true_hessian)
         objective = reconstruction_error(dense, new, true_hessian)
-        accepted = True
-        if self.selector is None and objective > host_objective:
+        # a --mask_selector's weights are kept: the host's weights are of another mask
+        kept = keep_better(objective, mask_objective, baseline=host_objective if self.selector is None else None)
+        if not kept.accepted:
             log.warning("%s: the plugin's weights are worse than the host's (%.4g > %.4g); keeping the host's",
                         ls.name, objective, host_objective)
-            new, objective, accepted = host, host_objective, False
+            new = host
+        objective, accepted, ratio = kept.objective, kept.accepted, kept.error_ratio
         solved_mask, solved = mask_objective, objective  # on the shrunk H the update solved with, if any
         if shrink:
             solved_mask, solved = (reconstruction_error(dense, w, hessian) for w in (mask_only, new))
@@ -543,7 +546,6 @@ class HostSeam:
             weight.data.copy_(new)
         ls.seen()
         ls.handled = True
-        ratio = error_ratio(objective, mask_objective)
         result = LayerResult(
             name=ls.name, block=st.index, shape=list(weight.shape), ratio=float(pruned.float().mean()),
             sparsity=float((weight == 0).float().mean()), error_ratio=ratio, objective=objective,
