@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .acceptance import error_ratio, keep_better
 from .allocators import AllocationContext, resolve_layer_ratios, row_summary
 from .checkpoint import Checkpoint, blocks_done, RunInterrupted, WriteFailed, run_identity, stop_after_block
 from .compress import Compression
@@ -544,11 +545,6 @@ def summarize(layers: list) -> dict:
             "mean_solved_error_ratio": sum(solved) / len(solved) if solved else None}
 
 
-def error_ratio(objective: float, mask_objective: float) -> float:
-    """``objective / mask_objective``; 0 or 1 when the mask alone loses nothing (0 when the update neither)."""
-    return objective / mask_objective if mask_objective > 0 else (0.0 if objective == 0 else 1.0)
-
-
 def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats, work: LinearWork) -> LayerResult:
     """Select, update, refine, keep the better of update and mask only, write the weights, compress.
 
@@ -577,12 +573,12 @@ def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats
     accepted, ratio_true, ratio_solved = True, None, None
     objective, mask_objective, solved, solved_mask = _objectives(dense, new, mask_only, target, upd, stats)
     if objective is not None:
-        if objective > mask_objective:  # keep the better of before/after, on the true statistics
+        kept = keep_better(objective, mask_objective, baseline=mask_objective)  # on the true statistics
+        if not kept.accepted:
             log.warning("%s: update is worse than the mask alone (%.4g > %.4g); keeping the mask only",
                         name, objective, mask_objective)
-            new, objective, accepted, selection = mask_only, mask_objective, False, selected
-            solved = solved_mask
-        ratio_true, ratio_solved = error_ratio(objective, mask_objective), error_ratio(solved, solved_mask)
+            new, accepted, selection, solved = mask_only, False, selected, solved_mask
+        objective, ratio_true, ratio_solved = kept.objective, kept.error_ratio, error_ratio(solved, solved_mask)
     compression = work.compression
     original = dense.clone() if compression is not None else None  # ``dense`` is the parameter, written next
     with torch.no_grad():

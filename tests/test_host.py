@@ -874,3 +874,51 @@ def test_host_data_serves_the_sherlock_text():
     HostOptions(host_data="sherlock").validate()  # a built-in name, no path needed
     with pytest.raises(ValueError, match="neither pydoc nor sherlock nor an existing file"):
         HostOptions(host_data="no-such-text").validate()
+
+
+# -- the seam's state machine (issue 25 item 5) ---------------------------------
+
+
+def test_seam_phases_follow_the_table(models):
+    """The seam's phase and block change only as its table says: load → OUTSIDE, a host block call → IN_BLOCK
+    of that block, a whole-model forward → OUTSIDE (the block's copies freed), the plugin's answer runs in
+    WORKING (where an ``emit_mask`` is refused and the seam's own block calls are no events), detach → DETACHED."""
+    from transformers import AutoModelForCausalLM
+
+    from optima_plugin.host.seam import REFUSED, TRANSITIONS, Event, Phase
+
+    assert {key for key in REFUSED} == {(Phase.WORKING, Event.EMIT)}
+    assert not any(phase is Phase.WORKING for phase in TRANSITIONS.values())  # WORKING only while an action runs
+    seen = []
+
+    class Watcher:
+        @hookimpl
+        def optima_mask_emitted(self, name, module, pruned, hessian, dense_weight):
+            seam = inst.seam
+            seen.append((seam.phase, seam.block))
+            with pytest.raises(RuntimeError, match="inside the seam's own pass"):
+                seam.emit(*seam.find(module))
+            return None
+
+    pm = get_plugin_manager()
+    with install(HostOptions(solver="direct")) as inst:
+        assert (inst.seam.phase, inst.seam.block) == (Phase.DETACHED, None)
+        model = AutoModelForCausalLM.from_pretrained(models / "llama")
+        assert (inst.seam.phase, inst.seam.block) == (Phase.OUTSIDE, None)
+        blocks = model.model.layers
+        x = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            blocks[0](x)
+            assert (inst.seam.phase, inst.seam.block) == (Phase.IN_BLOCK, 0)
+            blocks[1](x)
+            assert (inst.seam.phase, inst.seam.block) == (Phase.IN_BLOCK, 1)
+            assert all(ls.dense is None for ls in inst.seam.blocks[0].linears.values())
+            blocks[1].self_attn.q_proj.weight[:, :8] = 0  # the host's mask, answered at the next forward
+            pm.register(Watcher(), name="phase-watcher")
+            try:
+                model(torch.randint(0, 512, (1, 16)))
+            finally:
+                pm.unregister(name="phase-watcher")
+        assert seen == [(Phase.WORKING, None)]  # block := None before the block left is handled
+        assert (inst.seam.phase, inst.seam.block) == (Phase.OUTSIDE, None) and inst.seam.dense_bytes() == 0
+    assert (inst.seam.phase, inst.seam.block) == (Phase.DETACHED, None)

@@ -7,9 +7,11 @@ import torch
 
 from conftest import activation_hessian, random_weight
 from optima_plugin import reconstruct
+from optima_plugin.selectors.sparsegpt import _hinv, sparsegpt_prune
 from optima_plugin.solvers import SOLVERS, damp_hessian, register_solver
 from optima_plugin.solvers.base import SolverOutput
-from optima_plugin.sparsity import Pattern, nm_mask, row_mask
+from optima_plugin.solvers.sparsegpt import obs_sweep, sparsegpt_update
+from optima_plugin.sparsity import Pattern, nm_mask, parse_pattern, row_mask
 
 
 def reference_damping(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -268,3 +270,29 @@ def test_pdhg_tolerance_does_not_depend_on_units(problem):
     assert small.iterations > 0
     assert small.error_ratio < 0.9
     assert abs(small.error_ratio - unit.error_ratio) < 0.05
+
+
+def test_obs_sweep_is_the_one_sequential_obs_update():
+    """The OBS sweep exists once (issue 25 item 5): blocked, it is the column-by-column OBS update (float64
+    oracle below), and the SparseGPT selector's weights are that sweep's on its own mask, to the bit."""
+    g = torch.Generator().manual_seed(3)
+    r, d = 6, 70
+    x = torch.randn(3 * d, d, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0] + 0.1 * torch.eye(d, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = torch.randn(r, d, generator=g, dtype=torch.float64)
+    pruned = torch.rand(r, d, generator=g) < 0.5
+    oracle = w.clone()
+    for i in range(d):  # prune column i, spread its error over the later columns: w_j -= e u_ij (j ≥ i)
+        err = torch.where(pruned[:, i], oracle[:, i], torch.zeros(r, dtype=torch.float64)) / u[i, i]
+        oracle[:, i:] -= err.unsqueeze(1) * u[i, i:].unsqueeze(0)
+    oracle[pruned] = 0
+    swept = w.clone()
+    obs_sweep(swept, pruned, u, blocksize=16)  # blocks of 16: the later blocks get the error by one GEMM
+    assert torch.allclose(swept.masked_fill(pruned, 0), oracle, rtol=1e-10, atol=1e-12)  # float64 sum order only
+
+    w32, h32 = w.float(), h.float()
+    for pattern, ratio in (("unstructured", 0.5), ("2:4", 0.5)):
+        sel = sparsegpt_prune(w32, h32, ratio, parse_pattern(pattern), blocksize=32)
+        hinv, _ = _hinv(h32, 0.01)
+        assert torch.equal(sel.weight, sparsegpt_update(w32, sel.pruned, hinv, blocksize=32)), pattern

@@ -47,14 +47,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..data import get_calibration
-from ..engine import LayerResult, blocks_path, error_ratio, resolve_device
+from ..acceptance import error_ratio, keep_better
+from ..engine import LayerResult, blocks_path, resolve_device
 from ..files import write_json
 from ..hessian import HessianAccumulator, layer_shrink, shrink_to_diagonal
 from ..models import ModelAdapter, block_linears, get_adapter, input_groups
@@ -221,115 +223,49 @@ class CheckpointWeights:
         return None
 
 
-class HostSeam:
-    """Watches a host's block loop and emits its masks (see the module docstring).
+class DenseWeights:
+    """The dense weights the seam holds: at most one block's, from a copy or the checkpoint on disk.
 
     Args:
-        settings: :class:`SeamSettings`.
-        calls: the process's :class:`~optima_plugin.host.shims.CallDepth` (tells
-            host block calls from whole-model forwards); the seam registers on it.
-        stats_source: optional object with ``pop_stats(name) -> dict`` (the
-            answering plugin's solver statistics, for the report).
+        blocks: the seam's blocks (their :attr:`LinearState.dense` are the held weights).
     """
 
-    def __init__(self, settings: SeamSettings, calls: CallDepth, stats_source=None) -> None:
-        self.settings = settings
-        self.calls = calls
-        self.stats_source = stats_source
-        self.pm = get_plugin_manager()
-        self.selector = (lookup("selectors", settings.mask_selector, "--mask_selector")
-                         if settings.mask_selector else None)
-        self.model: Optional[nn.Module] = None
-        self.adapter: Optional[ModelAdapter] = None
-        self.blocks: list[BlockState] = []
-        self.layers: list[dict] = []
-        self.own_passes: list[dict] = []
-        self._current: Optional[int] = None
-        #: the block of the host's loop running now (None outside it: loading, a whole-model forward)
-        self.in_block: Optional[int] = None
-        self._busy = False
-        self._hooks = Hooks()  # registered through the pipeline's API (optima_plugin.pipeline)
-        self._tokens: Optional[Tensor] = None
+    def __init__(self, blocks: list[BlockState]) -> None:
+        self.blocks = blocks
         #: where dense weights come from for a block the seam has no snapshot of (None: nowhere)
         self.checkpoint: Optional[CheckpointWeights] = None
-        #: the most bytes of dense weights the seam held at once (see :meth:`dense_bytes`)
-        self.peak_dense_bytes = 0
-        calls.entered.append(self._model_called)
-
-    # -- attaching -------------------------------------------------------------
-
-    def attach(self, model: nn.Module) -> bool:
-        """Fingerprint ``model``'s decoder linears and hook its blocks; False (and a warning) if unsupported.
-
-        No dense weights are copied here: see the module docstring for when the seam holds them."""
-        try:
-            adapter = get_adapter(model)
-        except ValueError as err:
-            log.warning("optima-host leaves %s alone: %s", type(model).__name__, err)
-            return False
-        if self.adapter is not None:
-            log.warning("a second model was loaded; the plugin follows the newest one")
-            self.detach()
-        self.model, self.adapter = model, adapter
-        prefix = blocks_path(adapter)
-        for i, block in enumerate(adapter.blocks):
-            linears = block_linears(block)
-            owners = {rel: group[0] for group in input_groups(block) for rel in group}
-            states = {
-                rel: LinearState(name=f"{prefix}.{i}.{rel}", rel=rel, module=lin, owner=owners[rel],
-                                 ref=fingerprint(lin.weight), ref_zeros=row_zeros(lin.weight),
-                                 ref_dtype=lin.weight.dtype)
-                for rel, lin in linears.items()
-            }
-            st = BlockState(index=i, block=block, linears=states)
-            self.blocks.append(st)
-            self._hooks.pre_forward(block, self._block_hook(i))
-            for owner in sorted(set(owners.values())):
-                self._hooks.forward(linears[owner], self._collector(st, owner))
-            # The fingerprints' temporaries (an int64 copy of each weight, a bool one for the zeros) are freed at
-            # once, but the small per-row results kept here land in their holes and glibc can reuse none of
-            # them: on SmolLM2-135M the load left 1.1 GB of freed heap resident before the host's first block.
-            release_freed_memory()
-        n = sum(len(st.linears) for st in self.blocks)
-        mb = max(self.block_bytes(st) for st in self.blocks) / 2**20 if self.blocks else 0.0
-        self.checkpoint = CheckpointWeights.of(model)
-        log.info("optima-host: watching %d linears in %d blocks of %s (dense weights: one block at a time, "
-                 "at most %.1f MB on CPU)", n, len(self.blocks), type(model).__name__, mb)
-        if self.checkpoint is None:
-            log.info("optima-host: no local safetensors for %r: dense weights come only from a one-block copy "
-                     "(%.1f MB on CPU) taken at the host's first call of each block; a linear pruned before "
-                     "the host calls its block (magnitude paths) keeps the host's weights",
-                     getattr(model, "name_or_path", ""), mb)
-        return True
-
-    # -- dense weights ---------------------------------------------------------
+        #: the most bytes of dense weights held at once (see :meth:`held_bytes`)
+        self.peak_bytes = 0
 
     @staticmethod
     def block_bytes(st: BlockState) -> int:
         """Bytes of ``st``'s linears' weights (one block's dense copy, at most)."""
         return sum(ls.module.weight.numel() * ls.module.weight.element_size() for ls in st.linears.values())
 
-    def dense_bytes(self) -> int:
-        """Bytes of dense weights the seam holds now."""
+    def held_bytes(self) -> int:
+        """Bytes of dense weights held now."""
         return sum(ls.dense.numel() * ls.dense.element_size() for st in self.blocks for ls in st.linears.values()
                    if ls.dense is not None)
 
-    def _hold(self, ls: LinearState, dense: Tensor) -> Tensor:
+    def hold(self, ls: LinearState, dense: Tensor) -> Tensor:
+        """Hold ``dense`` as ``ls``'s dense weight (the peak follows)."""
         ls.dense = dense
-        self.peak_dense_bytes = max(self.peak_dense_bytes, self.dense_bytes())
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes())
         return dense
 
-    def _enter(self, st: BlockState) -> None:
+    def copy(self, st: BlockState) -> None:
         """The host's first call of ``st``: copy its linears that are still dense (before any mask of it)."""
         for ls in st.linears.values():
             if ls.dense is None and not ls.handled and not ls.changed():
-                self._hold(ls, ls.module.weight.detach().to("cpu", copy=True))
+                self.hold(ls, ls.module.weight.detach().to("cpu", copy=True))
 
-    def _drop(self, st: BlockState) -> None:
+    @staticmethod
+    def drop(st: BlockState) -> None:
+        """Let ``st``'s dense weights go."""
         for ls in st.linears.values():
             ls.dense = None
 
-    def _dense(self, ls: LinearState) -> Optional[Tensor]:
+    def get(self, ls: LinearState) -> Optional[Tensor]:
         """``ls``'s dense weight: the block's copy, else the checkpoint's (held with its block), else None."""
         if ls.dense is not None:
             return ls.dense
@@ -346,161 +282,36 @@ class HostSeam:
             log.warning("%s: the checkpoint's weights are not the ones loaded; its dense weights are unknown",
                         ls.name)
             return None
-        return self._hold(ls, saved)
+        return self.hold(ls, saved)
 
-    def detach(self) -> None:
-        """Remove the seam's hooks and forget the model."""
-        self._hooks.remove()
-        self.blocks.clear()
-        self.checkpoint = None
-        self.model = self.adapter = None
-        self._current = self.in_block = None
 
-    def find(self, module: nn.Module) -> Optional[tuple[BlockState, LinearState]]:
-        """The block and linear state of a watched linear ``module``, or None."""
-        for st in self.blocks:
-            for ls in st.linears.values():
-                if ls.module is module:
-                    return st, ls
-        return None
+class LinearSolve:
+    """The per-linear solve: a linear's mask and Hessian in; the plugin's answer (or the host's weights, when
+    better) written into the weight, the layer reported (``optima_layer_done``, :attr:`layers`).
 
-    # -- hooks -----------------------------------------------------------------
+    Args:
+        settings: :class:`SeamSettings` (its ``hessian_shrink``).
+        selector: a ``--mask_selector`` that replaces the host's masks, or None.
+        dense_weights: where the dense weights come from.
+        stats_source: see :class:`HostSeam`.
+    """
 
-    def _block_hook(self, index: int):
-        def pre(module, args):
-            self._block_called(index)
+    def __init__(self, settings: SeamSettings, selector, dense_weights: DenseWeights, stats_source=None) -> None:
+        self.settings = settings
+        self.selector = selector
+        self.dense_weights = dense_weights
+        self.stats_source = stats_source
+        self.pm = get_plugin_manager()
+        #: the report's rows, one per linear answered
+        self.layers: list[dict] = []
 
-        return pre
-
-    def _collector(self, st: BlockState, owner: str):
-        def hook(module, args, output):
-            if owner in st.collect and self.calls.standalone and not self._busy:
-                st.accs[owner].add(args[0])
-
-        return hook
-
-    def _block_called(self, index: int) -> None:
-        """A block forward: handle the masks applied since the block last ran, then collect."""
-        if self._busy or not self.calls.standalone or not self.blocks:
-            return
-        self.in_block = index
-        self._busy = True
-        try:
-            if self._current is not None and self._current != index:
-                self._leave(self.blocks[self._current])
-            st = self.blocks[index]
-            if self._current != index:
-                self._enter(st)
-            self._current = index
-            changed = self._changed(st)
-            if changed:
-                self._handle(st, changed)
-            self._collect(st, reset=bool(changed))
-        finally:
-            self._busy = False
-
-    def _model_called(self, module: nn.Module) -> None:
-        """A whole-model forward starts: no mask may stay unhandled while the model runs."""
-        if self._busy or not self.blocks:
-            return
-        self.in_block = None
-        self._busy = True
-        try:
-            self._flush()
-        finally:
-            self._busy = False
-
-    def flush(self) -> None:
-        """Handle every mask applied and not yet emitted (before a save, at the end)."""
-        self._model_called(None)
-
-    # -- bookkeeping -----------------------------------------------------------
-
-    def _changed(self, st: BlockState) -> list[LinearState]:
-        return [ls for ls in st.linears.values() if ls.changed()]
-
-    def _collect(self, st: BlockState, reset: bool) -> None:
-        owners = {ls.owner for ls in st.linears.values() if not ls.handled}
-        for owner in owners:
-            if reset or owner not in st.accs:
-                st.accs[owner] = HessianAccumulator(self.settings.hessian_dtype)
-        st.collect = owners
-
-    def _leave(self, st: BlockState) -> None:
-        """The host moved on from ``st``: handle what is left, free the block's statistics and dense weights."""
-        changed = self._changed(st)
-        if changed:
-            self._handle(st, changed)
-        st.accs.clear()
-        st.collect = set()
-        self._drop(st)
-        if self._current == st.index:
-            self._current = None
-        release_freed_memory()
-
-    def _hessian(self, st: BlockState, ls: LinearState) -> Optional[Tensor]:
-        acc = st.accs.get(ls.owner)
-        return acc.hessian if acc is not None and acc.tokens > 0 else None
-
-    def _handle(self, st: BlockState, changed: list[LinearState]) -> None:
-        missing = []
-        for ls in changed:
-            hessian = self._hessian(st, ls)
-            if hessian is None:
-                missing.append(ls)
-            else:
-                self._emit(st, ls, hessian)
-        if missing:
-            self._own_pass({st.index: missing})
-        release_freed_memory()
-
-    def _flush(self) -> None:
-        # A whole-model forward leaves the host's block loop (its evaluation, a save, the next stage): the block
-        # the host was in is handled with its Hessians and its dense copy freed now, not held until the next block
-        # call that may never come. A host that comes back to it gets a fresh copy of what is still dense.
-        if self._current is not None:
-            self._leave(self.blocks[self._current])
-        pending = {st.index: ch for st in self.blocks if (ch := self._changed(st))}
-        if not pending:
-            return
-        # Masks applied without the host's statistics pass (magnitude paths): one sequential own pass,
-        # one block's dense weights at a time.
-        if self.checkpoint is None:  # nowhere to read their dense weights from: the host's weights stay
-            lost = [ls for ch in pending.values() for ls in ch if ls.dense is None]
-            if lost:
-                log.warning("optima-host: %d linear(s) were pruned before the host called their block and no "
-                            "checkpoint on disk has their dense weights (e.g. %s); they keep the host's weights",
-                            len(lost), lost[0].name)
-            for ls in lost:
-                ls.seen()
-            pending = {i: keep for i, ch in pending.items() if (keep := [ls for ls in ch if ls.dense is not None])}
-        if pending:
-            self._own_pass(pending)
-
-    # -- emitting --------------------------------------------------------------
-
-    def emit(self, st: BlockState, ls: LinearState, hessian: Optional[Tensor] = None,
-             pruned: Optional[Tensor] = None, dense: Optional[Tensor] = None) -> None:
-        """Emit ``ls``'s mask now (the explicit ``emit_mask`` call); statistics from the seam when not given."""
-        if self._busy:
-            raise RuntimeError("emit_mask was called from inside the seam's own pass")
-        self._busy = True
-        try:
-            hessian = hessian if hessian is not None else self._hessian(st, ls)
-            if hessian is None:
-                self._own_pass({st.index: [ls]})
-            else:
-                self._emit(st, ls, hessian, pruned=pruned, dense=dense)
-            if st.index != self._current:  # read from the checkpoint for a block the host is not in: freed now
-                self._drop(st)
-        finally:
-            self._busy = False
-
-    def _emit(self, st: BlockState, ls: LinearState, hessian: Tensor, pruned: Optional[Tensor] = None,
-              dense: Optional[Tensor] = None) -> None:
+    def __call__(self, st: BlockState, ls: LinearState, hessian: Tensor, pruned: Optional[Tensor] = None,
+                 dense: Optional[Tensor] = None) -> None:
+        """Answer ``ls``'s mask (``pruned``; None: the weight's zeros) with ``hessian``: write the kept weights,
+        report the layer."""
         t0 = time.perf_counter()
         weight = ls.module.weight
-        dense = dense if dense is not None else self._dense(ls)
+        dense = dense if dense is not None else self.dense_weights.get(ls)
         if dense is None:
             log.warning("%s was pruned with no dense weights to start from (none copied before its mask, none "
                         "in a checkpoint on disk), so the host's weights stay", ls.name)
@@ -529,11 +340,13 @@ class HostSeam:
         same = host.dtype == mask_only.dtype and torch.equal(host, mask_only)
         host_objective = mask_objective if same else reconstruction_error(dense, host, true_hessian)
         objective = reconstruction_error(dense, new, true_hessian)
-        accepted = True
-        if self.selector is None and objective > host_objective:
+        # a --mask_selector's weights are kept: the host's weights are of another mask
+        kept = keep_better(objective, mask_objective, baseline=host_objective if self.selector is None else None)
+        if not kept.accepted:
             log.warning("%s: the plugin's weights are worse than the host's (%.4g > %.4g); keeping the host's",
                         ls.name, objective, host_objective)
-            new, objective, accepted = host, host_objective, False
+            new = host
+        objective, accepted, ratio = kept.objective, kept.accepted, kept.error_ratio
         solved_mask, solved = mask_objective, objective  # on the shrunk H the update solved with, if any
         if shrink:
             solved_mask, solved = (reconstruction_error(dense, w, hessian) for w in (mask_only, new))
@@ -541,7 +354,6 @@ class HostSeam:
             weight.data.copy_(new)
         ls.seen()
         ls.handled = True
-        ratio = error_ratio(objective, mask_objective)
         result = LayerResult(
             name=ls.name, block=st.index, shape=list(weight.shape), ratio=float(pruned.float().mean()),
             sparsity=float((weight == 0).float().mean()), error_ratio=ratio, objective=objective,
@@ -553,6 +365,325 @@ class HostSeam:
         self.layers.append(dict(result.to_dict(), host_objective=host_objective))
         log.debug("%s: %.1f%% pruned, error ratio %.4f (host %.4f)", ls.name, 100 * result.ratio, ratio,
                   host_objective / mask_objective if mask_objective > 0 else float("nan"))
+
+
+class Phase(Enum):
+    """Where the seam is; :class:`HostSeam`'s docstring has the transitions."""
+
+    DETACHED = "detached"  # no model watched
+    OUTSIDE = "outside"  # watching; the host's loop is in no block (loading, a whole-model forward)
+    IN_BLOCK = "in block"  # the host's loop is in block ``HostSeam.block``: its dense copy held, its Hessians stream
+    WORKING = "working"  # the seam itself runs (handles masks, its own pass, an emit): hooks are ignored
+
+
+class Event(Enum):
+    """What moves the seam."""
+
+    ATTACH = "attach"  # a supported model was loaded
+    BLOCK_CALL = "block call"  # the host calls a block directly (not inside a whole-model forward)
+    MODEL_CALL = "model call"  # a whole-model forward starts, or an explicit flush (a save, the end)
+    EMIT = "emit"  # the host's explicit ``emit_mask``
+    DETACH = "detach"  # the seam lets the model go
+
+
+#: ``(phase, event) → phase after`` (:data:`STAY`: the phase it was in); a pair in neither this nor
+#: :data:`REFUSED` is ignored. Each event's action is the method :meth:`HostSeam._on` is given.
+STAY = None
+TRANSITIONS: dict[tuple[Phase, Event], Optional[Phase]] = {
+    **{(phase, Event.ATTACH): Phase.OUTSIDE for phase in Phase},
+    **{(phase, Event.DETACH): Phase.DETACHED for phase in Phase},
+    (Phase.OUTSIDE, Event.BLOCK_CALL): Phase.IN_BLOCK,
+    (Phase.IN_BLOCK, Event.BLOCK_CALL): Phase.IN_BLOCK,
+    (Phase.OUTSIDE, Event.MODEL_CALL): Phase.OUTSIDE,
+    (Phase.IN_BLOCK, Event.MODEL_CALL): Phase.OUTSIDE,
+    (Phase.DETACHED, Event.EMIT): STAY,
+    (Phase.OUTSIDE, Event.EMIT): STAY,
+    (Phase.IN_BLOCK, Event.EMIT): STAY,
+}
+#: pairs that raise: the host's ``emit_mask`` from inside the seam's own work
+REFUSED = {(Phase.WORKING, Event.EMIT)}
+
+
+class HostSeam:
+    """Watches a host's block loop and emits its masks (see the module docstring).
+
+    The seam is a state machine: :attr:`phase` (a :class:`Phase`) changes only in :meth:`_on`, by this table
+    (:data:`TRANSITIONS`; ``WORKING`` while the action runs, then the phase after; an event not listed is
+    ignored), and :attr:`block` (the block of the host's loop, None outside it) only in the actions named here:
+
+    ===========  ==========  ===============================================================  ==========
+    phase        event       action                                                           phase after
+    ===========  ==========  ===============================================================  ==========
+    any          ATTACH      (a second model: DETACH first) fingerprint the linears, hook      OUTSIDE
+    OUTSIDE      BLOCK_CALL  block := i; copy block i's dense linears; handle its changed      IN_BLOCK
+                             linears; collect its Hessians
+    IN_BLOCK j   BLOCK_CALL  block := i; i ≠ j: leave j (handle what is left, free its          IN_BLOCK
+                             statistics and dense copy), enter i; handle, collect
+    OUTSIDE      MODEL_CALL  block := None; own pass for every changed linear                  OUTSIDE
+    IN_BLOCK j   MODEL_CALL  block := None; leave j; own pass for every changed linear         OUTSIDE
+    not WORKING  EMIT        emit that linear's mask now (own pass without Hessians)           the same
+    WORKING      EMIT        RuntimeError (``emit_mask`` from inside the seam's own work)      WORKING
+    WORKING      BLOCK_CALL  ignored (the seam's own pass runs the blocks)                     WORKING
+                 MODEL_CALL
+    DETACHED     BLOCK_CALL  ignored                                                           DETACHED
+                 MODEL_CALL
+    any          DETACH      remove the hooks, forget the model                                DETACHED
+    ===========  ==========  ===============================================================  ==========
+
+    A block call inside a whole-model forward is no event (its hook returns at once); the Hessian collectors
+    add only outside ``WORKING``. An exception in an action leaves the phase it was going to (``block`` says
+    which block the host was in: the report's ``failed_block``).
+
+    Args:
+        settings: :class:`SeamSettings`.
+        calls: the process's :class:`~optima_plugin.host.shims.CallDepth` (tells
+            host block calls from whole-model forwards); the seam registers on it.
+        stats_source: optional object with ``pop_stats(name) -> dict`` (the
+            answering plugin's solver statistics, for the report).
+    """
+
+    def __init__(self, settings: SeamSettings, calls: CallDepth, stats_source=None) -> None:
+        self.settings = settings
+        self.calls = calls
+        selector = lookup("selectors", settings.mask_selector, "--mask_selector") if settings.mask_selector else None
+        self.model: Optional[nn.Module] = None
+        self.adapter: Optional[ModelAdapter] = None
+        self.blocks: list[BlockState] = []
+        self.own_passes: list[dict] = []
+        #: the seam's state (see the class docstring): changed only by :meth:`_on`
+        self.phase = Phase.DETACHED
+        #: the block of the host's loop running now (None outside it: loading, a whole-model forward)
+        self.block: Optional[int] = None
+        self._hooks = Hooks()  # registered through the pipeline's API (optima_plugin.pipeline)
+        self._tokens: Optional[Tensor] = None
+        #: the dense weights held (at most one block's)
+        self.dense_weights = DenseWeights(self.blocks)
+        #: the per-linear solve (its ``layers``: the report's rows)
+        self.solve = LinearSolve(settings, selector, self.dense_weights, stats_source)
+        self.layers = self.solve.layers
+        calls.entered.append(self._model_called)
+
+    # -- attaching -------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> bool:
+        """Fingerprint ``model``'s decoder linears and hook its blocks; False (and a warning) if unsupported.
+
+        No dense weights are copied here: see the module docstring for when the seam holds them."""
+        try:
+            adapter = get_adapter(model)
+        except ValueError as err:
+            log.warning("optima-host leaves %s alone: %s", type(model).__name__, err)
+            return False
+        if self.adapter is not None:
+            log.warning("a second model was loaded; the plugin follows the newest one")
+            self.detach()
+        self._on(Event.ATTACH, lambda: self._watch(model, adapter))
+        return True
+
+    def _watch(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        """Fingerprint ``model``'s decoder linears and hook its blocks (the ``ATTACH`` action)."""
+        self.model, self.adapter = model, adapter
+        prefix = blocks_path(adapter)
+        for i, block in enumerate(adapter.blocks):
+            linears = block_linears(block)
+            owners = {rel: group[0] for group in input_groups(block) for rel in group}
+            states = {
+                rel: LinearState(name=f"{prefix}.{i}.{rel}", rel=rel, module=lin, owner=owners[rel],
+                                 ref=fingerprint(lin.weight), ref_zeros=row_zeros(lin.weight),
+                                 ref_dtype=lin.weight.dtype)
+                for rel, lin in linears.items()
+            }
+            st = BlockState(index=i, block=block, linears=states)
+            self.blocks.append(st)
+            self._hooks.pre_forward(block, self._block_hook(i))
+            for owner in sorted(set(owners.values())):
+                self._hooks.forward(linears[owner], self._collector(st, owner))
+            # The fingerprints' temporaries (an int64 copy of each weight, a bool one for the zeros) are freed at
+            # once, but the small per-row results kept here land in their holes and glibc can reuse none of
+            # them: on SmolLM2-135M the load left 1.1 GB of freed heap resident before the host's first block.
+            release_freed_memory()
+        n = sum(len(st.linears) for st in self.blocks)
+        mb = max(self.block_bytes(st) for st in self.blocks) / 2**20 if self.blocks else 0.0
+        self.dense_weights.checkpoint = CheckpointWeights.of(model)
+        log.info("optima-host: watching %d linears in %d blocks of %s (dense weights: one block at a time, "
+                 "at most %.1f MB on CPU)", n, len(self.blocks), type(model).__name__, mb)
+        if self.dense_weights.checkpoint is None:
+            log.info("optima-host: no local safetensors for %r: dense weights come only from a one-block copy "
+                     "(%.1f MB on CPU) taken at the host's first call of each block; a linear pruned before "
+                     "the host calls its block (magnitude paths) keeps the host's weights",
+                     getattr(model, "name_or_path", ""), mb)
+
+    # -- the state machine -----------------------------------------------------
+
+    def _on(self, event: Event, action: Callable[[], None]) -> None:
+        """The one transition (the class docstring's table, :data:`TRANSITIONS`): ``action`` runs in
+        ``WORKING``, then the seam is in the phase after (also when ``action`` raised)."""
+        key = (self.phase, event)
+        if key in REFUSED:
+            raise RuntimeError("emit_mask was called from inside the seam's own pass")
+        if key not in TRANSITIONS:
+            return  # ignored
+        after = TRANSITIONS[key]
+        after = self.phase if after is STAY else after
+        self.phase = Phase.WORKING
+        try:
+            action()
+        finally:
+            self.phase = after
+
+    # -- dense weights (:class:`DenseWeights`) ------------------------------------
+
+    block_bytes = staticmethod(DenseWeights.block_bytes)
+
+    @property
+    def checkpoint(self) -> Optional[CheckpointWeights]:
+        """Where dense weights come from for a block the seam has no snapshot of (None: nowhere)."""
+        return self.dense_weights.checkpoint
+
+    @property
+    def peak_dense_bytes(self) -> int:
+        """The most bytes of dense weights the seam held at once."""
+        return self.dense_weights.peak_bytes
+
+    def dense_bytes(self) -> int:
+        """Bytes of dense weights the seam holds now."""
+        return self.dense_weights.held_bytes()
+
+    def detach(self) -> None:
+        """Remove the seam's hooks and forget the model."""
+        self._on(Event.DETACH, self._unwatch)
+
+    def _unwatch(self) -> None:
+        self._hooks.remove()
+        self.blocks.clear()
+        self.dense_weights.checkpoint = None
+        self.model = self.adapter = None
+        self.block = None
+
+    def find(self, module: nn.Module) -> Optional[tuple[BlockState, LinearState]]:
+        """The block and linear state of a watched linear ``module``, or None."""
+        for st in self.blocks:
+            for ls in st.linears.values():
+                if ls.module is module:
+                    return st, ls
+        return None
+
+    # -- hooks -----------------------------------------------------------------
+
+    def _block_hook(self, index: int):
+        def pre(module, args):
+            if self.calls.standalone:  # not inside a whole-model forward
+                self._on(Event.BLOCK_CALL, lambda: self._block_called(index))
+
+        return pre
+
+    def _collector(self, st: BlockState, owner: str):
+        def hook(module, args, output):
+            if owner in st.collect and self.calls.standalone and self.phase is not Phase.WORKING:
+                st.accs[owner].add(args[0])
+
+        return hook
+
+    def _block_called(self, index: int) -> None:
+        """A block forward (the ``BLOCK_CALL`` action): handle the masks applied since the block last ran, then
+        collect."""
+        previous, self.block = self.block, index
+        if previous is not None and previous != index:
+            self._leave(self.blocks[previous])
+        st = self.blocks[index]
+        if previous != index:
+            self.dense_weights.copy(st)
+        changed = self._changed(st)
+        if changed:
+            self._handle(st, changed)
+        self._collect(st, reset=bool(changed))
+
+    def _model_called(self, module: Optional[nn.Module]) -> None:
+        """A whole-model forward starts: no mask may stay unhandled while the model runs."""
+        self._on(Event.MODEL_CALL, self._flush)
+
+    def flush(self) -> None:
+        """Handle every mask applied and not yet emitted (before a save, at the end)."""
+        self._model_called(None)
+
+    # -- bookkeeping -----------------------------------------------------------
+
+    def _changed(self, st: BlockState) -> list[LinearState]:
+        return [ls for ls in st.linears.values() if ls.changed()]
+
+    def _collect(self, st: BlockState, reset: bool) -> None:
+        owners = {ls.owner for ls in st.linears.values() if not ls.handled}
+        for owner in owners:
+            if reset or owner not in st.accs:
+                st.accs[owner] = HessianAccumulator(self.settings.hessian_dtype)
+        st.collect = owners
+
+    def _leave(self, st: BlockState) -> None:
+        """The host moved on from ``st``: handle what is left, free the block's statistics and dense weights."""
+        changed = self._changed(st)
+        if changed:
+            self._handle(st, changed)
+        st.accs.clear()
+        st.collect = set()
+        self.dense_weights.drop(st)
+        release_freed_memory()
+
+    def _hessian(self, st: BlockState, ls: LinearState) -> Optional[Tensor]:
+        acc = st.accs.get(ls.owner)
+        return acc.hessian if acc is not None and acc.tokens > 0 else None
+
+    def _handle(self, st: BlockState, changed: list[LinearState]) -> None:
+        missing = []
+        for ls in changed:
+            hessian = self._hessian(st, ls)
+            if hessian is None:
+                missing.append(ls)
+            else:
+                self.solve(st, ls, hessian)
+        if missing:
+            self._own_pass({st.index: missing})
+        release_freed_memory()
+
+    def _flush(self) -> None:
+        """The ``MODEL_CALL`` action."""
+        # A whole-model forward leaves the host's block loop (its evaluation, a save, the next stage): the block
+        # the host was in is handled with its Hessians and its dense copy freed now, not held until the next block
+        # call that may never come. A host that comes back to it gets a fresh copy of what is still dense.
+        previous, self.block = self.block, None
+        if previous is not None:
+            self._leave(self.blocks[previous])
+        pending = {st.index: ch for st in self.blocks if (ch := self._changed(st))}
+        if not pending:
+            return
+        # Masks applied without the host's statistics pass (magnitude paths): one sequential own pass,
+        # one block's dense weights at a time.
+        if self.dense_weights.checkpoint is None:  # nowhere to read their dense weights from: the host's weights stay
+            lost = [ls for ch in pending.values() for ls in ch if ls.dense is None]
+            if lost:
+                log.warning("optima-host: %d linear(s) were pruned before the host called their block and no "
+                            "checkpoint on disk has their dense weights (e.g. %s); they keep the host's weights",
+                            len(lost), lost[0].name)
+            for ls in lost:
+                ls.seen()
+            pending = {i: keep for i, ch in pending.items() if (keep := [ls for ls in ch if ls.dense is not None])}
+        if pending:
+            self._own_pass(pending)
+
+    # -- emitting --------------------------------------------------------------
+
+    def emit(self, st: BlockState, ls: LinearState, hessian: Optional[Tensor] = None,
+             pruned: Optional[Tensor] = None, dense: Optional[Tensor] = None) -> None:
+        """Emit ``ls``'s mask now (the explicit ``emit_mask`` call); statistics from the seam when not given."""
+        def action() -> None:
+            stats = hessian if hessian is not None else self._hessian(st, ls)
+            if stats is None:
+                self._own_pass({st.index: [ls]})
+            else:
+                self.solve(st, ls, stats, pruned=pruned, dense=dense)
+            if st.index != self.block:  # read from the checkpoint for a block the host is not in: freed now
+                self.dense_weights.drop(st)
+
+        self._on(Event.EMIT, action)
 
     # -- the seam's own statistics pass ---------------------------------------
 
@@ -583,9 +714,9 @@ class HostSeam:
             if todo:
                 hessians = self._dense_hessians(pipe, st, todo)
                 for ls in todo:
-                    self._emit(st, ls, hessians[ls.owner])
-                if st.index != self._current:
-                    self._drop(st)  # one block's dense weights at a time
+                    self.solve(st, ls, hessians[ls.owner])
+                if st.index != self.block:
+                    self.dense_weights.drop(st)  # one block's dense weights at a time
 
         with torch.no_grad():
             pipe.run(range(last + 1), on_block, propagate=lambda index: index < last)
@@ -597,7 +728,7 @@ class HostSeam:
         """Hessians of ``todo``'s inputs with their dense weights restored for the pass (host weights put back)."""
         saved = {}
         for ls in todo:
-            dense = self._dense(ls)
+            dense = self.dense_weights.get(ls)
             if dense is not None:
                 saved[ls.rel] = ls.module.weight.detach().clone()
                 ls.module.weight.data.copy_(dense.to(ls.module.weight.device))
@@ -620,7 +751,7 @@ class HostSeam:
         """
         left = [ls.name for st in self.blocks for ls in self._changed(st)]
         for st in self.blocks:
-            self._drop(st)
+            self.dense_weights.drop(st)
         if error is not None:
             log.error("optima-host: the host stopped early (%s); the report lists the %d linear(s) updated "
                       "before that", _describe(error), len(self.layers))
@@ -634,7 +765,7 @@ class HostSeam:
         report = {
             "completed": error is None,
             "error": None if error is None else _describe(error),
-            "failed_block": None if error is None else self.in_block,
+            "failed_block": None if error is None else self.block,
             "layers": self.layers,
             "own_passes": self.own_passes,
             "summary": {

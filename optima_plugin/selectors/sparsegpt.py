@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..solvers.problem import damp_hessian, escalate_damp, obs_factor
+from ..solvers.sparsegpt import obs_sweep
 from ..sparsity import Pattern, block_quota, count_mask, row_counts
 from .base import Ratio, Selection, check_ratio
 
@@ -42,36 +43,26 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
     per_row = row_counts(ratio, r, d, w.device) if torch.is_tensor(ratio) and not pattern.structured else None
     done = torch.zeros(r, dtype=torch.long, device=w.device)
-    for i1 in range(0, d, blocksize):
-        i2 = min(i1 + blocksize, d)
-        w1 = w[:, i1:i2].clone()
-        h1 = hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        if not pattern.structured:
+
+    def select(w1: torch.Tensor, h1: torch.Tensor, m1: torch.Tensor, i1: int, i: int) -> None:
+        """The mask of the block starting at ``i1`` (unstructured: at its first column; N:M: every M columns)."""
+        if not pattern.structured and i == 0:
             score = w1**2 / h1.diagonal().unsqueeze(0) ** 2
             if per_row is not None:  # each row meets its own ratio over the whole layer
-                m1 = count_mask(score, block_quota(per_row, done, i1, i2, d))
-                done += m1.sum(1)
+                m1.copy_(count_mask(score, block_quota(per_row, done, i1, i1 + w1.shape[1], d)))
+                done.add_(m1.sum(1))
             else:
                 k = int(score.numel() * ratio)
-                m1 = torch.zeros_like(score, dtype=torch.bool)
                 if k:
-                    m1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
-        else:
-            m1 = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if pattern.structured and i % pattern.m == 0:
-                score = w1[:, i : i + pattern.m] ** 2 / h1.diagonal()[i : i + pattern.m].unsqueeze(0) ** 2
-                idx = torch.topk(score, pattern.n, dim=1, largest=False).indices
-                m1[:, i : i + pattern.m].scatter_(1, idx, True)
-            q = w1[:, i].masked_fill(m1[:, i], 0.0)
-            err = (w1[:, i] - q) / h1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        pruned[:, i1:i2] = m1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                    mask = torch.zeros_like(score, dtype=torch.bool)
+                    mask.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+                    m1.copy_(mask)
+        elif pattern.structured and i % pattern.m == 0:
+            score = w1[:, i : i + pattern.m] ** 2 / h1.diagonal()[i : i + pattern.m].unsqueeze(0) ** 2
+            idx = torch.topk(score, pattern.n, dim=1, largest=False).indices
+            m1[:, i : i + pattern.m].scatter_(1, idx, True)
+
+    obs_sweep(w, pruned, hinv, blocksize, select=select)
     return Selection(pruned, w.masked_fill_(pruned, 0.0), {"damp": used, "damp_escalated": used != damp})
 
 

@@ -13,7 +13,6 @@ Around the solver it adds what makes a layer's result trustworthy:
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from ..acceptance import keep_better
 from .base import Solver, SolverOutput, get_solver
 from .problem import Problem, escalate_damp, figures, prepare, validate
 
@@ -240,21 +240,17 @@ def reconstruct(
         _warn(f"solver {solver!r} did not converge in {out.iterations} iterations "
               f"(tol={'default' if tol is None else f'{tol:g}'}); its weights are kept but are short "
               "of the optimum: raise --max_iter or loosen --tol")
-    if not math.isfinite(objective) or objective > mask_objective:
+    kept = keep_better(objective, mask_objective, baseline=mask_objective, require_finite=True, positive_loss=True)
+    if not kept.accepted:
         _warn(f"solver {solver!r} did not improve on the mask-only weights "
               f"(objective {objective:.4g} vs {mask_objective:.4g}); keeping the mask-only weights")
         new, after, converged, mask_rows = mask_only, before, False, new.shape[0]
-        objective = before.objective
-    if mask_objective > 0:
-        error_ratio = objective / mask_objective
-    else:
-        error_ratio = 1.0 if objective > 0 else 0.0
     fallback = "mask_only" if mask_rows else ("damp" if used != damp else None)
     return Reconstruction(
         weight=new.to(dtype=weight.dtype, device=weight.device),
-        objective=objective,
+        objective=kept.objective,
         mask_objective=mask_objective,
-        error_ratio=error_ratio,
+        error_ratio=kept.error_ratio,
         kkt_residual=after.kkt_numerator / before.kkt_numerator if before.kkt_numerator > 0 else 0.0,
         iterations=out.iterations,
         converged=converged,
