@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import RunInterrupted
-from .config import SAVE_FORMATS, PruneConfig
+from .config import PruneConfig
+from .export import SAVE_FORMATS
+from .validate import declared_options, resolve
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
 from .hessian import DEFAULT_HESSIAN_SHRINK, SHRINK_FULL_UNTIL, SHRINK_NONE_FROM, SINK_MODES, parse_shrink
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
       "available RAM; a GGUF file is converted to safetensors once)")
     a("--quiet", action="store_true", help="no progress bars or info logs")
     add_disable_flag(p)
-    PruneConfig.declared_options().add_to_argparse(p)
+    declared_options().add_to_argparse(p)
     return p
 
 
@@ -344,14 +346,14 @@ def _main(argv: list, rank: Optional[int]) -> int:
             save_model=args.save_model, overwrite=args.overwrite, report=args.report, save_masks=args.save_masks,
             checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
             save_format=args.save_format,
-            **PruneConfig.declared_options().values(args),  # the plugins' flags
+            **declared_options().values(args),  # the plugins' flags
         )
         source, gguf_file = _model_source(args)
         options["model_path"] = source
         options["stream"] = _stream_wanted(args, source, gguf_file)
         if rank is not None:
             check_options(options, join_job(args.device))
-        config = PruneConfig.from_options(**options)  # every option, input and output path, before the load
+        config = resolve(**options)  # every option, input and output path, before the load
         from .api import prune
         from .engine import resolve_device
 
@@ -370,7 +372,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
         check_group_widths_before_load(config, source, gguf_file)  # --save_format compressed-tensors: --group_size
         with exclusive_run(config, rank):  # before the load: a second run on these folders refuses at once
             model, tokenizer = _load(source, gguf_file, args.dtype, config.stream)
-            report = prune(model, tokenizer, progress=not args.quiet, **options)
+            report = prune(model, tokenizer, progress=not args.quiet, config=config)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
             ImportError, torch.linalg.LinAlgError) as e:
         print(f"optima-prune: {where}error: {e}", file=sys.stderr)

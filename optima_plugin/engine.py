@@ -48,6 +48,7 @@ from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 
 from .plugins import get_plugin_manager, lookup
 from .solvers.problem import reconstruction_error
 from .updaters import UpdateOptions
+from .validate import resolve
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     """
     from .observers import ProgressObserver, ReportObserver
 
-    config.validate()  # every option and name; the lookups below cannot fail
+    config = resolve(config)  # a resolved config is returned as it is; the lookups below cannot fail
     seed_everything(config.seed)
     pattern = config.pattern
     selector = lookup("selectors", config.prune_method, "--prune_method")
@@ -259,7 +260,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         hdtype = torch.float64 if config.double_precision else torch.float32
         options = UpdateOptions(config.solver, config.damp, config.tol, config.max_iter, config.double_precision,
                                 split=dist)
-        compression = Compression.from_config(config)
+        compression = Compression.from_config(config, lookup)
         holdout = HOLDOUT_EVERY if is_auto(config.damp) else None  # --damp auto: fit and held-out Hessians
         prefix = blocks_path(adapter)
         pm.hook.optima_run_started(config=config, num_blocks=num_blocks)
