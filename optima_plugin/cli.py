@@ -16,7 +16,7 @@ import torch
 from .checkpoint import RunInterrupted
 from .config import PruneConfig
 from .export import SAVE_FORMATS
-from .validate import declared_options, resolve
+from .validate import core_names, declared_options, resolve
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
 from .hessian import DEFAULT_HESSIAN_SHRINK, SHRINK_FULL_UNTIL, SHRINK_NONE_FROM, SINK_MODES, parse_shrink
@@ -326,28 +326,11 @@ def _main(argv: list, rank: Optional[int]) -> int:
         transformers.utils.logging.set_verbosity_error()
     config = None
     try:
-        options = dict(
-            prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
-            sparsity_type=args.sparsity_type, weight_update=args.weight_update, solver=args.solver,
-            allocation=args.allocation, use_trim=args.use_trim, input_recalc=args.input_recalc,
-            objective=args.objective,
-            save_layer_ratio=args.save_layer_ratio, load_layer_ratio=args.load_layer_ratio,
-            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-            calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
-            sink_tokens=args.sink_tokens, sink_positions=args.sink_positions, sink_factor=args.sink_factor,
-            hessian_shrink=args.hessian_shrink,
-            skip_attention=args.skip_attention, double_precision=args.double_precision,
-            damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
-            refine_mask=args.refine_mask, refine_iters=args.refine_iters,
-            offload=args.offload, eval_ppl=args.eval_ppl, eval_max_windows=args.eval_max_windows,
-            eval_zero_shot=args.eval_zero_shot, tasks_dir=args.tasks_dir, eval_batch_size=args.eval_batch_size,
-            eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,
-            eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
-            save_model=args.save_model, overwrite=args.overwrite, report=args.report, save_masks=args.save_masks,
-            checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
-            save_format=args.save_format,
-            **declared_options().values(args),  # the plugins' flags
-        )
+        parsed = vars(args)  # every core flag is named as its config field; the plugins' flags as declared
+        options = {name: parsed[name] for name in sorted(core_names()) if name in parsed and name != "stream"}
+        options.update(declared_options().values(args),
+                       eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
+                       checkpoint=not args.no_checkpoint)
         source, gguf_file = _model_source(args)
         options["model_path"] = source
         options["stream"] = _stream_wanted(args, source, gguf_file)
