@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -33,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     Plugins are those of the process-wide manager: :func:`main` applies ``--disable_plugin``
     before calling this.
     """
-    d = PruneConfig()
     p = argparse.ArgumentParser(
         prog="optima-prune",
         description="One-shot pruning with exact OPTIMA weight reconstruction. "
@@ -43,82 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", help="HF model id or local directory (default: embedded SmolLM2-135M)")
     a("--gguf_file", help="GGUF file inside --model's directory")
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    a("--prune_method", default=d.prune_method, help="mask selector: magnitude, wanda, sparsegpt, thanos, or a plugin's")
-    a("--sparsity_ratio", type=float, default=d.sparsity_ratio)
-    a("--sparsity_type", default=d.sparsity_type, help="unstructured or N:M (e.g. 2:4)")
-    a("--weight_update", default=d.weight_update, help="none, native (the selector's own) or optima")
-    a("--solver", default=d.solver, help="OPTIMA solver: pcg, direct, pdhg, adam")
-    a("--allocation", default=d.allocation, help="sparsity allocation across layers: uniform, owl, alphapruning, "
-      "or a plugin's (--prune_method wanda_owl / wanda_alpha / magnitude_owl / magnitude_alpha set both)")
-    a("--use_trim", action="store_true", help="TRIM: per-row ratios around each layer's ratio (unstructured only)")
-    a("--input_recalc", action="store_true",
-      help="recompute each input group's Hessian after the block's earlier linears are pruned")
-    a("--objective", choices=OBJECTIVES, default=d.objective,
-      help="what the optima update matches: pruned (each layer's outputs on the pruned model's inputs) or dense "
-      "(the dense model's outputs: one more block pass on the dense inputs, kept beside the pruned ones)")
-    a("--save_layer_ratio", metavar="FILE", help="write the layer ratios to FILE (.json or .npy)")
-    a("--load_layer_ratio", metavar="FILE", help="read the layer ratios from FILE (.json or .npy) instead of allocating")
-    a("--nsamples", type=int, default=d.nsamples, help="calibration windows")
-    a("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
-    a("--seed", type=int, default=d.seed)
-    a("--calibration_dataset", default=d.calibration_dataset,
-      help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path; several comma-separated, each "
-      "optionally weighted NAME:W (e.g. pydoc:3,sherlock:1; equal shares by default)")
-    a("--batch_size", type=int, default=d.batch_size, help="calibration windows per forward")
-    a("--sink_tokens", choices=SINK_MODES, default=d.sink_tokens,
-      help="attention-sink tokens in the Hessians (the first --sink_positions of each window and tokens with "
-      "squared norm above --sink_factor x the window's median): keep, exclude, or cap them at that norm; "
-      "the report gives per layer the fraction of tokens and of trace(H) they hold")
-    a("--sink_positions", type=int, default=d.sink_positions, help="leading positions of each window taken as sinks")
-    a("--sink_factor", type=float, default=d.sink_factor,
-      help="a token is a sink when its squared norm exceeds this many times its window's median")
-    a("--hessian_shrink", type=_shrink, default=d.hessian_shrink,
-      help="scale the correlations between inputs (the off-diagonal of H) by 1 - this before selection, update "
-      "and compression: trusts the calibration text's input correlations less (0 = off); auto (default): with "
-      f"--weight_update optima {DEFAULT_HESSIAN_SHRINK} for layers pruned to at most {SHRINK_FULL_UNTIL * 100:.0f}%%, "
-      f"none from {SHRINK_NONE_FROM * 100:.0f}%%, linear in between; 0 with other updates or --damp auto")
-    a("--skip_attention", action="store_true", help="prune MLP linears only")
-    a("--double_precision", action="store_true", help="solve in float64")
-    a("--damp", type=_damp, default=d.damp,
-      help="relative Hessian damping, or auto: per layer the best of 1e-3..10 on held-out calibration windows "
-      "(SparseGPT/Thanos updates, GPTQ and low rank then use 0.01)")
-    a("--tol", type=float, default=None, help="solver tolerance (solver default if unset)")
-    a("--max_iter", type=int, default=None, help="solver iteration cap")
-    a("--refine_mask", default=d.refine_mask, choices=REFINE_METHODS,
-      help="after the exact solve, change which weights are pruned (same pattern and per-row counts), "
-      "keeping a row's change only where its objective drops: swap (certified pair swaps) or admm (ALPS-style); "
-      "needs --weight_update optima")
-    a("--refine_iters", type=int, default=d.refine_iters, help="--refine_mask iterations (%(default)s)")
-    a("--device", default=d.device, help="auto, cuda or cpu")
-    a("--offload", action=argparse.BooleanOptionalAction, default=None,
-      help="keep the model on CPU and onload one block at a time (default: on with a GPU)")
-    a("--eval_ppl", default="",
-      help="comma-separated datasets for perplexity (e.g. pydoc,sherlock; also c4, wikitext2, a local path)")
-    a("--eval_max_windows", type=int, default=None, help="cap on perplexity windows")
-    a("--eval_zero_shot", nargs="?", const=",".join(DEFAULT_TASKS), default="", metavar="TASKS",
-      help="comma-separated lm-eval tasks for zero-shot accuracy (bare flag: %(const)s)")
-    a("--tasks_dir", help="directory of local lm-eval task YAMLs and their data (offline; see examples/tasks)")
-    a("--eval_batch_size", type=int, default=d.eval_batch_size, help="sequences per forward when evaluating")
-    a("--eval_limit", type=_count_or_fraction, default=None,
-      help="at most this many examples per zero-shot task (a fraction if < 1); for quick runs")
-    a("--num_fewshot", type=int, default=d.num_fewshot, help="few-shot examples per zero-shot question")
+    for f in dataclasses.fields(PruneConfig):
+        if "help" in f.metadata:
+            _add_flag(p, f)
     a("--no_dense_eval", action="store_true", help="skip the dense evaluation (perplexity, zero-shot) before pruning")
-    a("--plot", help="per-layer figure (.png, .pdf, .svg): reconstruction error before/after the update, sparsity")
-    a("--save_model", help="directory to save the pruned model and tokenizer")
-    a("--save_format", choices=SAVE_FORMATS, default=d.save_format,
-      help="hf: save_pretrained's safetensors; compressed-tensors: quantized linears as packed integers "
-      "and scales, with sparsity metadata, as vLLM loads (needs: pip install compressed-tensors)")
-    a("--save_masks", metavar="FILE", help="write every pruned linear's mask (True = pruned) to FILE "
-      "(safetensors, bits packed); --prune_method file --mask_checkpoint FILE reuses it")
-    a("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
-    a("--report", help="write the JSON report to this file")
-    a("--checkpoint_dir", metavar="DIR", help="record every pruned block here; the same command started again "
-      "resumes at the first unfinished block (default with --save_model: SAVE_MODEL.checkpoint, removed after success)")
     a("--no_checkpoint", action="store_true", help="no default checkpoint beside --save_model")
-    a("--stream", action=argparse.BooleanOptionalAction, default=None,
-      help="read one block at a time from the checkpoint's safetensors and write each pruned block to "
-      "--save_model at once, for models larger than RAM (default: on when the model is larger than the "
-      "available RAM; a GGUF file is converted to safetensors once)")
     a("--quiet", action="store_true", help="no progress bars or info logs")
     add_disable_flag(p)
     declared_options().add_to_argparse(p)
@@ -146,6 +75,42 @@ def _shrink(text: str):
 def _count_or_fraction(text: str):
     value = float(text)
     return int(value) if value >= 1 and value.is_integer() else value
+
+
+#: Parsers of the flags whose field's default does not tell the type (``parse`` in the field's metadata).
+PARSERS = {"int": int, "float": float, "shrink": _shrink, "damp": _damp,
+           "count_or_fraction": _count_or_fraction}
+#: The allowed values of the flags that have a fixed set, from the modules that own them.
+CHOICES = {"objective": OBJECTIVES, "sink_tokens": SINK_MODES, "refine_mask": REFINE_METHODS,
+           "save_format": SAVE_FORMATS}
+#: The bare ``--eval_zero_shot``'s tasks.
+CONSTS = {"eval_zero_shot": ",".join(DEFAULT_TASKS)}
+#: Values named in the help texts (``{NAME}``).
+HELP_VALUES = {"DEFAULT_HESSIAN_SHRINK": DEFAULT_HESSIAN_SHRINK, "SHRINK_FULL_UNTIL_PCT": SHRINK_FULL_UNTIL * 100,
+               "SHRINK_NONE_FROM_PCT": SHRINK_NONE_FROM * 100}
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """``--<field>`` from the field's metadata (help, parse, metavar, nargs, negatable) and default."""
+    meta = f.metadata
+    help = meta["help"].format(**HELP_VALUES) if "{" in meta["help"] else meta["help"]
+    flag = f"--{f.name}"
+    if meta.get("negatable"):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        return
+    default = [] if f.default_factory is list else f.default
+    if isinstance(default, bool):
+        parser.add_argument(flag, action="store_true", help=help)
+        return
+    kwargs = {key: meta[key] for key in ("metavar", "nargs") if key in meta}
+    parse = PARSERS.get(meta.get("parse")) or (type(default) if isinstance(default, (int, float)) else None)
+    if parse is not None:
+        kwargs["type"] = parse
+    if f.name in CHOICES:
+        kwargs["choices"] = CHOICES[f.name]
+    if f.name in CONSTS:
+        kwargs["const"] = CONSTS[f.name]
+    parser.add_argument(flag, default=default, help=help, **kwargs)
 
 
 def _model_source(args) -> tuple[str, Optional[str]]:

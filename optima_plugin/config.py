@@ -20,68 +20,115 @@ from typing import Any, Optional
 from .sparsity import Pattern, parse_pattern
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
-SAVE_FORMATS = ("hf", "compressed-tensors")
 
-#: The hosts' (TRIM/OWL/AlphaPruning) combined method names: selector + allocation.
-HOST_METHODS = {
-    "wanda_owl": ("wanda", "owl"),
-    "wanda_alpha": ("wanda", "alphapruning"),
-    "magnitude_owl": ("magnitude", "owl"),
-    "magnitude_alpha": ("magnitude", "alphapruning"),
-}
+
+def _flag(default: Any, help: str, **argparse: Any) -> Any:
+    """A field that is an ``optima-prune`` flag: its help and how to parse it, as the field's metadata.
+
+    ``default`` ``list``: an empty list. Metadata keys besides ``help``: ``parse`` (a parser's name, for a field
+    whose default does not tell its type), ``metavar``, ``nargs`` and ``negatable`` (``--x`` / ``--no-x``).
+    """
+    value = {"default_factory": list} if default is list else {"default": default}
+    return field(**value, metadata={"help": help, **argparse})
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    prune_method: str = "wanda"
-    sparsity_ratio: float = 0.5
-    sparsity_type: str = "unstructured"
-    weight_update: str = "optima"
-    solver: str = "pcg"
-    allocation: str = "uniform"
-    use_trim: bool = False
-    input_recalc: bool = False
-    objective: str = "pruned"  # pruned: match each layer's outputs on the pruned path; dense: the dense model's
-    save_layer_ratio: Optional[str] = None
-    load_layer_ratio: Optional[str] = None
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    calibration_dataset: str = "pydoc"
-    sink_tokens: str = "keep"  # attention-sink tokens in the Hessians: keep, exclude or cap (optima_plugin.hessian)
-    sink_positions: int = 1
-    sink_factor: float = 100.0
-    # off-diagonal of H (and G) scaled by 1 - this (optima_plugin.hessian.shrink_to_diagonal); auto: per layer
-    # from its sparsity with the OPTIMA update (hessian.default_hessian_shrink), 0 otherwise
-    hessian_shrink: float | str = "auto"
-    skip_attention: bool = False
-    double_precision: bool = False
-    damp: float | str = 0.01  # or "auto": chosen per layer on held-out windows (optima_plugin.damping)
-    tol: Optional[float] = None
-    max_iter: Optional[int] = None
-    refine_mask: str = "none"  # none, swap or admm: change which weights are pruned after the solve (refine.py)
-    refine_iters: int = 20
-    device: str = "auto"
-    offload: Optional[bool] = None
-    batch_size: int = 1
-    eval_ppl: list = field(default_factory=list)
-    eval_dense: bool = False
-    eval_max_windows: Optional[int] = None
-    eval_zero_shot: list = field(default_factory=list)
-    tasks_dir: Optional[str] = None
-    eval_batch_size: int = 1
-    eval_limit: Optional[float] = None
-    num_fewshot: int = 0
-    plot: Optional[str] = None
-    save_model: Optional[str] = None
-    save_format: str = "hf"  # hf (save_pretrained) or compressed-tensors (optima_plugin.export)
-    overwrite: bool = False
-    report: Optional[str] = None
-    checkpoint_dir: Optional[str] = None
-    checkpoint: bool = True
-    stream: bool = False  # blocks read from disk and written to --save_model one at a time (optima_plugin.streaming)
-    model_path: Optional[str] = None  # --model: directory or hub id (never overwritten; part of the checkpoint's identity)
-    save_masks: Optional[str] = None
+    """Every core option of a run; the fields with a ``help`` in their metadata are ``optima-prune``'s flags."""
+
+    prune_method: str = _flag("wanda", help="mask selector: magnitude, wanda, sparsegpt, thanos, or a plugin's")
+    sparsity_ratio: float = _flag(0.5, help="the mean sparsity to prune to (a fraction in [0, 1))")
+    sparsity_type: str = _flag("unstructured", help="unstructured or N:M (e.g. 2:4)")
+    weight_update: str = _flag("optima", help="none, native (the selector's own) or optima")
+    solver: str = _flag("pcg", help="OPTIMA solver: pcg, direct, pdhg, adam")
+    allocation: str = _flag(
+        "uniform", help="sparsity allocation across layers: uniform, owl, alphapruning, or a plugin's (--prune_method "
+        "wanda_owl / wanda_alpha / magnitude_owl / magnitude_alpha set both)")
+    use_trim: bool = _flag(False, help="TRIM: per-row ratios around each layer's ratio (unstructured only)")
+    input_recalc: bool = _flag(
+        False, help="recompute each input group's Hessian after the block's earlier linears are pruned")
+    objective: str = _flag(
+        "pruned",
+        help="what the optima update matches: pruned (each layer's outputs on the pruned model's inputs) or dense "
+        "(the dense model's outputs: one more block pass on the dense inputs, kept beside the pruned ones)")
+    save_layer_ratio: Optional[str] = _flag(None, help="write the layer ratios to FILE (.json or .npy)", metavar="FILE")
+    load_layer_ratio: Optional[str] = _flag(
+        None, help="read the layer ratios from FILE (.json or .npy) instead of allocating", metavar="FILE")
+    nsamples: int = _flag(32, help="calibration windows")
+    seqlen: int = _flag(512, help="tokens per window (calibration and perplexity)")
+    seed: int = _flag(0, help="random seed (calibration windows, solvers)")
+    calibration_dataset: str = _flag(
+        "pydoc",
+        help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path; several comma-separated, each optionally "
+        "weighted NAME:W (e.g. pydoc:3,sherlock:1; equal shares by default)")
+    sink_tokens: str = _flag(
+        "keep", help="attention-sink tokens in the Hessians (the first --sink_positions of each window and tokens with "
+        "squared norm above --sink_factor x the window's median): keep, exclude, or cap them at that norm; "
+        "the report gives per layer the fraction of tokens and of trace(H) they hold")
+    sink_positions: int = _flag(1, help="leading positions of each window taken as sinks")
+    sink_factor: float = _flag(
+        100.0, help="a token is a sink when its squared norm exceeds this many times its window's median")
+    hessian_shrink: float | str = _flag(
+        "auto",
+        help="scale the correlations between inputs (the off-diagonal of H) by 1 - this before selection, update "
+        "and compression: trusts the calibration text's input correlations less (0 = off); auto (default): "
+        "with --weight_update optima {DEFAULT_HESSIAN_SHRINK} for layers pruned to at most "
+        "{SHRINK_FULL_UNTIL_PCT:.0f}%%, none from {SHRINK_NONE_FROM_PCT:.0f}%%, linear in between; "
+        "0 with other updates or --damp auto", parse="shrink")
+    skip_attention: bool = _flag(False, help="prune MLP linears only")
+    double_precision: bool = _flag(False, help="solve in float64")
+    damp: float | str = _flag(
+        0.01, help="relative Hessian damping, or auto: per layer the best of 1e-3..10 on held-out calibration windows "
+        "(SparseGPT/Thanos updates, GPTQ and low rank then use 0.01)", parse="damp")
+    tol: Optional[float] = _flag(None, help="solver tolerance (solver default if unset)", parse="float")
+    max_iter: Optional[int] = _flag(None, help="solver iteration cap", parse="int")
+    refine_mask: str = _flag(
+        "none",
+        help="after the exact solve, change which weights are pruned (same pattern and per-row counts), keeping a "
+        "row's change only where its objective drops: swap (certified pair swaps) or admm (ALPS-style); needs "
+        "--weight_update optima")
+    refine_iters: int = _flag(20, help="--refine_mask iterations (%(default)s)")
+    device: str = _flag("auto", help="auto, cuda or cpu")
+    offload: Optional[bool] = _flag(
+        None, help="keep the model on CPU and onload one block at a time (default: on with a GPU)", negatable=True)
+    batch_size: int = _flag(1, help="calibration windows per forward")
+    eval_ppl: list = _flag(
+        list, help="comma-separated datasets for perplexity (e.g. pydoc,sherlock; also c4, wikitext2, a local path)")
+    eval_dense: bool = False  # evaluate the dense model too (the CLI: unless --no_dense_eval)
+    eval_max_windows: Optional[int] = _flag(None, help="cap on perplexity windows", parse="int")
+    eval_zero_shot: list = _flag(
+        list,
+        help="comma-separated lm-eval tasks for zero-shot accuracy (bare flag: %(const)s)", metavar="TASKS", nargs="?")
+    tasks_dir: Optional[str] = _flag(
+        None, help="directory of local lm-eval task YAMLs and their data (offline; see examples/tasks)")
+    eval_batch_size: int = _flag(1, help="sequences per forward when evaluating")
+    eval_limit: Optional[float] = _flag(
+        None,
+        help="at most this many examples per zero-shot task (a fraction if < 1); for quick runs",
+        parse="count_or_fraction")
+    num_fewshot: int = _flag(0, help="few-shot examples per zero-shot question")
+    plot: Optional[str] = _flag(
+        None, help="per-layer figure (.png, .pdf, .svg): reconstruction error before/after the update, sparsity")
+    save_model: Optional[str] = _flag(None, help="directory to save the pruned model and tokenizer")
+    save_format: str = _flag(
+        "hf", help="hf: save_pretrained's safetensors; compressed-tensors: quantized linears as packed integers and "
+        "scales, with sparsity metadata, as vLLM loads (needs: pip install compressed-tensors)")
+    overwrite: bool = _flag(False, help="replace a non-empty --save_model directory")
+    report: Optional[str] = _flag(None, help="write the JSON report to this file")
+    checkpoint_dir: Optional[str] = _flag(
+        None,
+        help="record every pruned block here; the same command started again resumes at the first unfinished block "
+        "(default with --save_model: SAVE_MODEL.checkpoint, removed after success)", metavar="DIR")
+    checkpoint: bool = True  # the default checkpoint beside --save_model (the CLI: unless --no_checkpoint)
+    stream: bool = _flag(
+        False, help="read one block at a time from the checkpoint's safetensors and write each pruned block to "
+        "--save_model at once, for models larger than RAM (default: on when the model is larger than the "
+        "available RAM; a GGUF file is converted to safetensors once)", negatable=True)
+    model_path: Optional[str] = None  # --model: directory or hub id (never overwritten; the checkpoint's identity)
+    save_masks: Optional[str] = _flag(
+        None,
+        help="write every pruned linear's mask (True = pruned) to FILE (safetensors, bits packed); --prune_method "
+        "file --mask_checkpoint FILE reuses it", metavar="FILE")
     plugin_options: dict = field(default_factory=dict)  # {name: value} of plugin-declared options (see option())
 
     def option(self, name: str) -> Any:
