@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import lowrank
+from .damping import fixed_damp
 from .options import declared_defaults
 from .quantizers import QUANT_ATTR, QuantOptions, QuantState, quant_state, quantize_scaled
 from .quantizers import addoption as quantization_options
@@ -60,7 +61,6 @@ class Compression:
     def from_config(cls, config, lookup: Callable[[str, str, str], Any]) -> Optional["Compression"]:
         """The stage for ``config`` (a resolved :class:`~optima_plugin.config.PruneConfig`), or None when off;
         ``lookup`` is :func:`optima_plugin.plugins.lookup` (the quantizer by name)."""
-        from .damping import fixed_damp
 
         opt = config.option
         damp = fixed_damp(config.damp)  # --damp auto chooses the OPTIMA update's damp only

@@ -63,7 +63,7 @@ Damp = Union[float, str]
 def parse_damp(text: str) -> Damp:
     """``--damp``'s argparse type: a number or the word ``auto``; ``ValueError`` otherwise (argparse names the flag).
 
-    The range (finite, ``>= 0``) is checked by :meth:`~optima_plugin.config.PruneConfig.validate`.
+    The range (finite, ``>= 0``) is checked by :func:`validate_config` (through :func:`optima_plugin.validate.resolve`).
     """
     if text.strip().lower() == AUTO:
         return AUTO
