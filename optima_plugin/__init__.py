@@ -14,8 +14,7 @@ from .evaluation import eval_ppl, eval_zero_shot
 from .hookspecs import hookimpl
 from .solvers import Reconstruction, reconstruct
 from .sparsity import Pattern, check_sparsity
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "Pattern",

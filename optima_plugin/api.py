@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
-from .checkpoint import Checkpoint, WriteFailed, write_failure
+from .checkpoint import Checkpoint, WriteFailed, is_default_checkpoint, write_failure
 from .config import PruneConfig
 from .data import get_eval_tokens
 from .distributed import check_options, setup as join_job
@@ -29,17 +29,20 @@ from .maskfile import save_masks
 from .memory import PeakMemory
 from .sparsity import check_sparsity
 from .streaming import StreamedModel
+from .validate import resolve
 
 log = logging.getLogger(__name__)
 
 
-def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True, **options) -> dict:
+def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
+          config: Optional[PruneConfig] = None, **options) -> dict:
     """Prune ``model`` in place; evaluate, save and write the report as the options say.
 
     ``options`` are :class:`PruneConfig`'s fields and the options plugins declare (OWL's
     ``Lamda``, TRIM's ``qmetric``, a third party's: the CLI's flag names), e.g.
     ``prune(model, tok, prune_method="wanda", sparsity_ratio=0.5, weight_update="optima")``.
-    Every option and path is checked before any work. With a checkpoint folder
+    Every option and path is checked before any work, once (:func:`optima_plugin.validate.resolve`;
+    ``config``: a config resolved already, e.g. by the CLI, the options then add to it). With a checkpoint folder
     (``checkpoint_dir``, by default ``<save_model>.checkpoint``) the prune resumes
     where an earlier run of the same options stopped, and a failure while
     evaluating or saving leaves the pruned blocks there; the default folder is
@@ -58,20 +61,22 @@ def prune(model: nn.Module | StreamedModel, tokenizer, *, progress: bool = True,
     prune together (:mod:`optima_plugin.distributed`); only rank 0 shows progress, evaluates, saves
     and writes the report, the others wait for it and return their own report (without ``ppl``).
     """
-    job = join_job(options.get("device"))
+    given = {**config.to_dict(), **options} if config is not None else options
+    job = join_job(given.get("device"))
     if job is not None:
-        check_options(options, job)
+        check_options(given, job)
         progress = progress and job.is_main()
     stream = model if isinstance(model, StreamedModel) else None
     if stream is not None:
-        options["stream"] = True
+        if not given.get("stream"):
+            options["stream"] = True
         model = stream.model
-    elif options.get("stream"):
+    elif given.get("stream"):
         raise ValueError("stream=True needs the model opened for streaming: "
                          "prune(optima_plugin.streaming.open_streamed(path)[0], tokenizer, ...)")
-    if options.get("model_path") is None and Path(str(getattr(model, "name_or_path", "") or "")).is_dir():
+    if given.get("model_path") is None and Path(str(getattr(model, "name_or_path", "") or "")).is_dir():
         options["model_path"] = str(model.name_or_path)
-    config = PruneConfig.from_options(**options)
+    config = resolve(config, **options)  # once: a resolved config without other options is taken as it is
     if config.plot:
         from .plot import require_matplotlib
 
@@ -152,7 +157,7 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
             raise
     if job is not None:
         job.wait_for_main()  # the other ranks may exit now (they are done with the checkpoint)
-    if config.checkpoint_dir and config.checkpoint_is_default:
+    if config.checkpoint_dir and is_default_checkpoint(config):
         Checkpoint(config.checkpoint_dir, {}).remove()
     elif config.checkpoint_dir:
         log.info("checkpoint kept in %s (the same command reuses it; delete it when done)", config.checkpoint_dir)

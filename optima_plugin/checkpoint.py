@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .files import atomic_path, check_output_file, write_json
+from .files import atomic_path, check_output_file, check_save_target, recover_interrupted_save, write_json
 
 log = logging.getLogger(__name__)
 
@@ -568,3 +568,28 @@ def stop_after_block(enabled: bool) -> Iterator["_StopRequest"]:
 @dataclass
 class _StopRequest:
     requested: bool = False
+
+
+def is_default_checkpoint(config) -> bool:
+    """Whether a config's checkpoint folder is the default one beside ``--save_model`` (removed after success)."""
+    return bool(config.save_model and config.checkpoint_dir == default_checkpoint_dir(config.save_model))
+
+
+def validate_config(config) -> dict:
+    """``--save_model`` can be written and the checkpoint folder is usable and apart from it; returns the
+    default checkpoint folder (beside ``--save_model``) when none is given."""
+    protected = [config.model_path] if config.model_path and Path(config.model_path).exists() else []
+    if config.save_model:
+        recover_interrupted_save(config.save_model)  # a killed save's leftovers: put back or removed
+        check_save_target(config.save_model, overwrite=config.overwrite, protected=protected)
+    directory = config.checkpoint_dir
+    if directory is None and config.save_model and config.checkpoint:
+        directory = default_checkpoint_dir(config.save_model)
+    if directory:
+        check_checkpoint_dir(directory, protected=protected)
+        if config.save_model:
+            ckpt, save = Path(directory).resolve(), Path(config.save_model).resolve()
+            if ckpt == save or save in ckpt.parents or ckpt in save.parents:
+                raise ValueError(f"--checkpoint_dir {directory} and --save_model {config.save_model} "
+                                 "overlap; give them separate folders")
+    return {"checkpoint_dir": directory}

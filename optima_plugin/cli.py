@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -14,7 +15,9 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoint import RunInterrupted
-from .config import SAVE_FORMATS, PruneConfig
+from .config import PruneConfig
+from .export import SAVE_FORMATS
+from .validate import core_names, declared_options, resolve
 from .distributed import check_options, launched, setup as join_job, teardown
 from .evaluation.zero_shot import DEFAULT_TASKS
 from .hessian import DEFAULT_HESSIAN_SHRINK, SHRINK_FULL_UNTIL, SHRINK_NONE_FROM, SINK_MODES, parse_shrink
@@ -31,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     Plugins are those of the process-wide manager: :func:`main` applies ``--disable_plugin``
     before calling this.
     """
-    d = PruneConfig()
     p = argparse.ArgumentParser(
         prog="optima-prune",
         description="One-shot pruning with exact OPTIMA weight reconstruction. "
@@ -41,88 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", help="HF model id or local directory (default: embedded SmolLM2-135M)")
     a("--gguf_file", help="GGUF file inside --model's directory")
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    a("--prune_method", default=d.prune_method, help="mask selector: magnitude, wanda, sparsegpt, thanos, or a plugin's")
-    a("--sparsity_ratio", type=float, default=d.sparsity_ratio)
-    a("--sparsity_type", default=d.sparsity_type, help="unstructured or N:M (e.g. 2:4)")
-    a("--weight_update", default=d.weight_update, help="none, native (the selector's own) or optima")
-    a("--solver", default=d.solver, help="OPTIMA solver: pcg, direct, pdhg, adam")
-    a("--allocation", default=d.allocation, help="sparsity allocation across layers: uniform, owl, alphapruning, "
-      "or a plugin's (--prune_method wanda_owl / wanda_alpha / magnitude_owl / magnitude_alpha set both)")
-    a("--use_trim", action="store_true", help="TRIM: per-row ratios around each layer's ratio (unstructured only)")
-    a("--input_recalc", action="store_true",
-      help="recompute each input group's Hessian after the block's earlier linears are pruned")
-    a("--objective", choices=OBJECTIVES, default=d.objective,
-      help="what the optima update matches: pruned (each layer's outputs on the pruned model's inputs) or dense "
-      "(the dense model's outputs: one more block pass on the dense inputs, kept beside the pruned ones)")
-    a("--save_layer_ratio", metavar="FILE", help="write the layer ratios to FILE (.json or .npy)")
-    a("--load_layer_ratio", metavar="FILE", help="read the layer ratios from FILE (.json or .npy) instead of allocating")
-    a("--nsamples", type=int, default=d.nsamples, help="calibration windows")
-    a("--seqlen", type=int, default=d.seqlen, help="tokens per window (calibration and perplexity)")
-    a("--seed", type=int, default=d.seed)
-    a("--calibration_dataset", default=d.calibration_dataset,
-      help="pydoc, sherlock, c4, wikitext2 or a local text/JSONL path; several comma-separated, each "
-      "optionally weighted NAME:W (e.g. pydoc:3,sherlock:1; equal shares by default)")
-    a("--batch_size", type=int, default=d.batch_size, help="calibration windows per forward")
-    a("--sink_tokens", choices=SINK_MODES, default=d.sink_tokens,
-      help="attention-sink tokens in the Hessians (the first --sink_positions of each window and tokens with "
-      "squared norm above --sink_factor x the window's median): keep, exclude, or cap them at that norm; "
-      "the report gives per layer the fraction of tokens and of trace(H) they hold")
-    a("--sink_positions", type=int, default=d.sink_positions, help="leading positions of each window taken as sinks")
-    a("--sink_factor", type=float, default=d.sink_factor,
-      help="a token is a sink when its squared norm exceeds this many times its window's median")
-    a("--hessian_shrink", type=_shrink, default=d.hessian_shrink,
-      help="scale the correlations between inputs (the off-diagonal of H) by 1 - this before selection, update "
-      "and compression: trusts the calibration text's input correlations less (0 = off); auto (default): with "
-      f"--weight_update optima {DEFAULT_HESSIAN_SHRINK} for layers pruned to at most {SHRINK_FULL_UNTIL * 100:.0f}%%, "
-      f"none from {SHRINK_NONE_FROM * 100:.0f}%%, linear in between; 0 with other updates or --damp auto")
-    a("--skip_attention", action="store_true", help="prune MLP linears only")
-    a("--double_precision", action="store_true", help="solve in float64")
-    a("--damp", type=_damp, default=d.damp,
-      help="relative Hessian damping, or auto: per layer the best of 1e-3..10 on held-out calibration windows "
-      "(SparseGPT/Thanos updates, GPTQ and low rank then use 0.01)")
-    a("--tol", type=float, default=None, help="solver tolerance (solver default if unset)")
-    a("--max_iter", type=int, default=None, help="solver iteration cap")
-    a("--refine_mask", default=d.refine_mask, choices=REFINE_METHODS,
-      help="after the exact solve, change which weights are pruned (same pattern and per-row counts), "
-      "keeping a row's change only where its objective drops: swap (certified pair swaps) or admm (ALPS-style); "
-      "needs --weight_update optima")
-    a("--refine_iters", type=int, default=d.refine_iters, help="--refine_mask iterations (%(default)s)")
-    a("--device", default=d.device, help="auto, cuda or cpu")
-    a("--offload", action=argparse.BooleanOptionalAction, default=None,
-      help="keep the model on CPU and onload one block at a time (default: on with a GPU)")
-    a("--eval_ppl", default="",
-      help="comma-separated datasets for perplexity (e.g. pydoc,sherlock; also c4, wikitext2, a local path)")
-    a("--eval_max_windows", type=int, default=None, help="cap on perplexity windows")
-    a("--eval_zero_shot", nargs="?", const=",".join(DEFAULT_TASKS), default="", metavar="TASKS",
-      help="comma-separated lm-eval tasks for zero-shot accuracy (bare flag: %(const)s)")
-    a("--tasks_dir", help="directory of local lm-eval task YAMLs and their data (offline; see examples/tasks)")
-    a("--eval_batch_size", type=int, default=d.eval_batch_size, help="sequences per forward when evaluating")
-    a("--eval_limit", type=_count_or_fraction, default=None,
-      help="at most this many examples per zero-shot task (a fraction if < 1); for quick runs")
-    a("--num_fewshot", type=int, default=d.num_fewshot, help="few-shot examples per zero-shot question")
+    for f in dataclasses.fields(PruneConfig):
+        if "help" in f.metadata:
+            _add_flag(p, f)
     a("--no_dense_eval", action="store_true", help="skip the dense evaluation (perplexity, zero-shot) before pruning")
     a("--no_cache", action="store_true", help="measure the dense perplexity even when the cache has it, and do not "
       "write it there (the cache: $OPTIMA_CACHE_DIR, else $XDG_CACHE_HOME/optima_plugin or ~/.cache/optima_plugin, "
       "subfolder ppl; keyed by the weights, tokenizer and windows)")
-    a("--plot", help="per-layer figure (.png, .pdf, .svg): reconstruction error before/after the update, sparsity")
-    a("--save_model", help="directory to save the pruned model and tokenizer")
-    a("--save_format", choices=SAVE_FORMATS, default=d.save_format,
-      help="hf: save_pretrained's safetensors; compressed-tensors: quantized linears as packed integers "
-      "and scales, with sparsity metadata, as vLLM loads (needs: pip install compressed-tensors)")
-    a("--save_masks", metavar="FILE", help="write every pruned linear's mask (True = pruned) to FILE "
-      "(safetensors, bits packed); --prune_method file --mask_checkpoint FILE reuses it")
-    a("--overwrite", action="store_true", help="replace a non-empty --save_model directory")
-    a("--report", help="write the JSON report to this file")
-    a("--checkpoint_dir", metavar="DIR", help="record every pruned block here; the same command started again "
-      "resumes at the first unfinished block (default with --save_model: SAVE_MODEL.checkpoint, removed after success)")
     a("--no_checkpoint", action="store_true", help="no default checkpoint beside --save_model")
-    a("--stream", action=argparse.BooleanOptionalAction, default=None,
-      help="read one block at a time from the checkpoint's safetensors and write each pruned block to "
-      "--save_model at once, for models larger than RAM (default: on when the model is larger than the "
-      "available RAM; a GGUF file is converted to safetensors once)")
     a("--quiet", action="store_true", help="no progress bars or info logs")
     add_disable_flag(p)
-    PruneConfig.declared_options().add_to_argparse(p)
+    declared_options().add_to_argparse(p)
     return p
 
 
@@ -147,6 +78,42 @@ def _shrink(text: str):
 def _count_or_fraction(text: str):
     value = float(text)
     return int(value) if value >= 1 and value.is_integer() else value
+
+
+#: Parsers of the flags whose field's default does not tell the type (``parse`` in the field's metadata).
+PARSERS = {"int": int, "float": float, "shrink": _shrink, "damp": _damp,
+           "count_or_fraction": _count_or_fraction}
+#: The allowed values of the flags that have a fixed set, from the modules that own them.
+CHOICES = {"objective": OBJECTIVES, "sink_tokens": SINK_MODES, "refine_mask": REFINE_METHODS,
+           "save_format": SAVE_FORMATS}
+#: The bare ``--eval_zero_shot``'s tasks.
+CONSTS = {"eval_zero_shot": ",".join(DEFAULT_TASKS)}
+#: Values named in the help texts (``{NAME}``).
+HELP_VALUES = {"DEFAULT_HESSIAN_SHRINK": DEFAULT_HESSIAN_SHRINK, "SHRINK_FULL_UNTIL_PCT": SHRINK_FULL_UNTIL * 100,
+               "SHRINK_NONE_FROM_PCT": SHRINK_NONE_FROM * 100}
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """``--<field>`` from the field's metadata (help, parse, metavar, nargs, negatable) and default."""
+    meta = f.metadata
+    help = meta["help"].format(**HELP_VALUES) if "{" in meta["help"] else meta["help"]
+    flag = f"--{f.name}"
+    if meta.get("negatable"):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        return
+    default = [] if f.default_factory is list else f.default
+    if isinstance(default, bool):
+        parser.add_argument(flag, action="store_true", help=help)
+        return
+    kwargs = {key: meta[key] for key in ("metavar", "nargs") if key in meta}
+    parse = PARSERS.get(meta.get("parse")) or (type(default) if isinstance(default, (int, float)) else None)
+    if parse is not None:
+        kwargs["type"] = parse
+    if f.name in CHOICES:
+        kwargs["choices"] = CHOICES[f.name]
+    if f.name in CONSTS:
+        kwargs["const"] = CONSTS[f.name]
+    parser.add_argument(flag, default=default, help=help, **kwargs)
 
 
 def _model_source(args) -> tuple[str, Optional[str]]:
@@ -333,35 +300,17 @@ def _main(argv: list, rank: Optional[int]) -> int:
         transformers.utils.logging.set_verbosity_error()
     config = None
     try:
-        options = dict(
-            prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
-            sparsity_type=args.sparsity_type, weight_update=args.weight_update, solver=args.solver,
-            allocation=args.allocation, use_trim=args.use_trim, input_recalc=args.input_recalc,
-            objective=args.objective,
-            save_layer_ratio=args.save_layer_ratio, load_layer_ratio=args.load_layer_ratio,
-            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-            calibration_dataset=args.calibration_dataset, batch_size=args.batch_size,
-            sink_tokens=args.sink_tokens, sink_positions=args.sink_positions, sink_factor=args.sink_factor,
-            hessian_shrink=args.hessian_shrink,
-            skip_attention=args.skip_attention, double_precision=args.double_precision,
-            damp=args.damp, tol=args.tol, max_iter=args.max_iter, device=args.device,
-            refine_mask=args.refine_mask, refine_iters=args.refine_iters,
-            offload=args.offload, eval_ppl=args.eval_ppl, eval_max_windows=args.eval_max_windows,
-            eval_zero_shot=args.eval_zero_shot, tasks_dir=args.tasks_dir, eval_batch_size=args.eval_batch_size,
-            eval_limit=args.eval_limit, num_fewshot=args.num_fewshot, plot=args.plot,
-            eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
-            cache=not args.no_cache,
-            save_model=args.save_model, overwrite=args.overwrite, report=args.report, save_masks=args.save_masks,
-            checkpoint_dir=args.checkpoint_dir, checkpoint=not args.no_checkpoint,
-            save_format=args.save_format,
-            **PruneConfig.declared_options().values(args),  # the plugins' flags
-        )
+        parsed = vars(args)  # every core flag is named as its config field; the plugins' flags as declared
+        options = {name: parsed[name] for name in sorted(core_names()) if name in parsed and name != "stream"}
+        options.update(declared_options().values(args),
+                       eval_dense=bool(args.eval_ppl or args.eval_zero_shot) and not args.no_dense_eval,
+                       checkpoint=not args.no_checkpoint, cache=not args.no_cache)
         source, gguf_file = _model_source(args)
         options["model_path"] = source
         options["stream"] = _stream_wanted(args, source, gguf_file)
         if rank is not None:
             check_options(options, join_job(args.device))
-        config = PruneConfig.from_options(**options)  # every option, input and output path, before the load
+        config = resolve(**options)  # every option, input and output path, before the load
         from .api import prune
         from .engine import resolve_device
 
@@ -380,7 +329,7 @@ def _main(argv: list, rank: Optional[int]) -> int:
         check_group_widths_before_load(config, source, gguf_file)  # --save_format compressed-tensors: --group_size
         with exclusive_run(config, rank):  # before the load: a second run on these folders refuses at once
             model, tokenizer = _load(source, gguf_file, args.dtype, config.stream)
-            report = prune(model, tokenizer, progress=not args.quiet, **options)
+            report = prune(model, tokenizer, progress=not args.quiet, config=config)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError, OSError,
             ImportError, torch.linalg.LinAlgError) as e:
         print(f"optima-prune: {where}error: {e}", file=sys.stderr)

@@ -20,17 +20,23 @@ model's outputs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import lowrank
+from .damping import fixed_damp
+from .options import declared_defaults
 from .quantizers import QUANT_ATTR, QuantOptions, QuantState, quant_state, quantize_scaled
+from .quantizers import addoption as quantization_options
 from .solvers.problem import objective_per_row
 
 #: the options of the stage that only matter with --quantize_weight (flag: what it needs)
+log = logging.getLogger(__name__)
+
 _QUANT_ONLY = ("quantizer", "group_size", "act_order", "scale_important_weights")
 _LORA_ONLY = ("lowrank", "separate_lora", "quantize_lora", "prune_lora", "pad_lora", "lora_tile_size")
 
@@ -52,10 +58,9 @@ class Compression:
     scale_important: bool = False
 
     @classmethod
-    def from_config(cls, config) -> Optional["Compression"]:
-        """The stage for ``config`` (a validated :class:`~optima_plugin.config.PruneConfig`), or None when off."""
-        from .damping import fixed_damp
-        from .plugins import lookup
+    def from_config(cls, config, lookup: Callable[[str, str, str], Any]) -> Optional["Compression"]:
+        """The stage for ``config`` (a resolved :class:`~optima_plugin.config.PruneConfig`), or None when off;
+        ``lookup`` is :func:`optima_plugin.plugins.lookup` (the quantizer by name)."""
 
         opt = config.option
         damp = fixed_damp(config.damp)  # --damp auto chooses the OPTIMA update's damp only
@@ -147,16 +152,10 @@ def _ratio(value: float, energy: float) -> float:
 
 def validate(config) -> None:
     """One-line ``ValueError`` for a combination of the stage's options that cannot work (before any work)."""
-    import logging
-
-    from .plugins import lookup
-
     opt = config.option
     quantize, rank = opt("quantize_weight"), opt("lora_rank")
-    defaults = config.declared_options().defaults()
-    if quantize:
-        lookup("quantizers", opt("quantizer"), "--quantizer")
-    else:
+    defaults = declared_defaults(quantization_options, lowrank.addoption)
+    if not quantize:  # the --quantizer name is checked with the other registry names (optima_plugin.validate)
         given = [f"--{k}" for k in _QUANT_ONLY if opt(k) != defaults[k]]
         if given:
             raise ValueError(f"{', '.join(given)} set(s) how weights are quantized: add --quantize_weight, "
@@ -169,7 +168,7 @@ def validate(config) -> None:
             raise ValueError(f"{', '.join(given)} shape(s) the low-rank adapters: add --lora_rank (e.g. 0.1), "
                              "or drop it")
     if rank and not opt("separate_lora"):
-        logging.getLogger(__name__).warning(
+        log.warning(
             "--lora_rank without --separate_lora merges L R into the weights, which are dense again afterwards "
             "(the report's sparsity is that of the pruned weights before the merge)")
     if opt("prune_lora") and config.sparsity_type != "2:4":

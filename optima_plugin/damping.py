@@ -63,7 +63,7 @@ Damp = Union[float, str]
 def parse_damp(text: str) -> Damp:
     """``--damp``'s argparse type: a number or the word ``auto``; ``ValueError`` otherwise (argparse names the flag).
 
-    The range (finite, ``>= 0``) is checked by :meth:`~optima_plugin.config.PruneConfig.validate`.
+    The range (finite, ``>= 0``) is checked by :func:`validate_config` (through :func:`optima_plugin.validate.resolve`).
     """
     if text.strip().lower() == AUTO:
         return AUTO
@@ -286,3 +286,12 @@ def layer_inputs(hessian: Union[Tensor, HeldOutHessian], options):
     if isinstance(hessian, HeldOutHessian):
         return hessian.full, replace(options, holdout=hessian)
     return hessian, options
+
+
+def validate_config(config: Any) -> None:
+    """``--damp``: a finite number >= 0, or ``auto`` (which holds out calibration windows: two or more)."""
+    check_damp(config.damp, "--damp")
+    if is_auto(config.damp) and config.nsamples < 2:
+        raise ValueError(f"--damp auto holds out one calibration window in {HOLDOUT_EVERY} to choose each layer's "
+                         f"damp and fits on the others: it needs --nsamples 2 or more (got {config.nsamples}), "
+                         "or give --damp a number")

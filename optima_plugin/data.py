@@ -375,3 +375,10 @@ def get_eval_tokens(source: str, tokenizer, seqlen: int = 2048, flag: Optional[s
         raise ValueError(f"{flag} {source}: {what} has {ids.shape[1]} tokens, fewer than one window of --seqlen "
                          f"{seqlen}; give more text or a smaller --seqlen")
     return ids
+
+
+def validate_config(config) -> None:
+    """The calibration texts and ``--eval_ppl`` datasets exist (cheap: nothing is tokenized)."""
+    check_calibration(config.calibration_dataset, config.nsamples, "--calibration_dataset")
+    for ds in config.eval_ppl:
+        check_dataset(ds, "--eval_ppl")

@@ -33,6 +33,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from .config import PruneConfig
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -181,11 +183,7 @@ def check_options(options: dict, job: Distributed) -> None:
     default one beside ``--save_model``) works as in one process: each rank saves its share of the inputs
     (:mod:`optima_plugin.checkpoint`), and a job resumes with the same number of ranks only.
     """
-    nsamples = options.get("nsamples")
-    if nsamples is None:
-        from .config import PruneConfig
-
-        nsamples = PruneConfig().nsamples
+    nsamples = options.get("nsamples", PruneConfig.nsamples)
     if nsamples < job.world_size:
         raise ValueError(f"--nsamples {nsamples} is fewer than the {job.world_size} ranks: every rank needs at "
                          f"least one calibration window; use --nsamples {job.world_size} or more, or fewer ranks")

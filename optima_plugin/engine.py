@@ -49,6 +49,7 @@ from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 
 from .plugins import get_plugin_manager, lookup
 from .solvers.problem import reconstruction_error
 from .updaters import UpdateOptions
+from .validate import resolve
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         if run.checkpoint is not None and blocks_done(run.checkpoint.dir) and (run.dist is None or run.dist.is_main()) \
                 and not isinstance(e, WriteFailed):  # a WriteFailed says which blocks are kept
             log.error("the finished blocks are saved in %s; fix the problem and run the same command to resume",
-                      config.checkpoint_dir)
+                      run.checkpoint.dir)
         raise
     finally:
         for obs in (run.shown, run.report):
@@ -287,7 +288,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
 
 def _prepare(model: nn.Module, config: PruneConfig, progress: bool, stream) -> _Run:
     """Validate, seed, look the plugins up, find the linears, open the checkpoint: all before calibration."""
-    config.validate()  # every option and name; the lookups below cannot fail
+    config = resolve(config)  # a resolved config is returned as it is; the lookups below cannot fail
     seed_everything(config.seed)
     selector = lookup("selectors", config.prune_method, "--prune_method")
     device = resolve_device(config.device)
@@ -308,7 +309,7 @@ def _prepare(model: nn.Module, config: PruneConfig, progress: bool, stream) -> _
     work = LinearWork(selector, lookup("updaters", config.weight_update, "--weight_update"),
                       UpdateOptions(config.solver, config.damp, config.tol, config.max_iter,
                                     config.double_precision, split=dist),
-                      config.pattern, Compression.from_config(config), config,
+                      config.pattern, Compression.from_config(config, lookup), config,
                       lookup("row_allocators", config.row_allocation, "--use_trim") if config.row_allocation else None)
     run = _Run(config, model, adapter, linears, device, offload, stream, dist, work,
                lookup("allocators", config.allocation, "--allocation"), progress)

@@ -281,3 +281,33 @@ def save_compressed(model: nn.Module, tokenizer, directory: str, *, overwrite: b
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     return install_directory(directory, write, overwrite=overwrite, protected=protected)
+
+
+SAVE_FORMATS = ("hf", "compressed-tensors")
+
+
+def validate_config(config) -> None:
+    """``--save_format``: a known name; compressed-tensors needs --save_model, no --stream and the library."""
+    fmt = config.save_format
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}, got {fmt!r}")
+    if fmt == "hf":
+        return
+    if not config.save_model:
+        raise ValueError(f"--save_format {fmt} describes the saved model: give --save_model DIR")
+    if config.stream:
+        raise ValueError(f"--save_format {fmt} packs the whole pruned model in memory, which --stream "
+                         "(on by itself when the model is larger than the available RAM) does not hold: "
+                         "give --no-stream, or save with --save_format hf")
+    opt = config.plugin_options.get
+    if opt("scale_important_weights"):
+        raise ValueError(f"--scale_important_weights divides each input column of a weight by its own scale, which "
+                         f"--save_format {fmt} cannot store: drop one of them")
+    if opt("lora_rank"):
+        raise ValueError(f"--lora_rank adds adapters that --save_format {fmt} cannot store (separate) "
+                         "or that make the weights dense floats again (merged): drop --lora_rank, or save with "
+                         "--save_format hf")
+    try:
+        require_compressed_tensors()
+    except ImportError as e:
+        raise ValueError(str(e)) from None

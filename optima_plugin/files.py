@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+from .version import __version__
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no locks, leftovers are still cleaned
@@ -279,8 +281,6 @@ def unsafe_marker_entries(directory: str | os.PathLike) -> list[str]:
 
 def write_save_marker(directory: str | os.PathLike) -> Path:
     """Write :data:`SAVE_MARKER` into ``directory``, listing the entries it holds now; return its path."""
-    from . import __version__  # at call time: the package imports this module while it initialises
-
     folder = Path(directory)
     files = sorted(e.name for e in folder.iterdir() if e.name != SAVE_MARKER)
     data = {"tool": TOOL, "version": __version__,

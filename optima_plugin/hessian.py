@@ -204,3 +204,17 @@ def shrink_to_diagonal(matrix: Tensor, alpha: float) -> Tensor:
     out = matrix * (1.0 - alpha)
     out.diagonal().copy_(matrix.diagonal())
     return out
+
+
+def validate_sinks(config) -> None:
+    """The ``--sink_tokens`` options of a config (see :func:`check_sink_options`)."""
+    check_sink_options(config.sink_tokens, config.sink_positions, config.sink_factor, config.seqlen)
+
+
+def validate_shrink(config) -> dict:
+    """``--hessian_shrink``: ``auto`` or a number in [0, 1); returns it resolved (:func:`resolve_shrink`)."""
+    given = parse_shrink(config.hessian_shrink)
+    if given != "auto" and given and isinstance(config.damp, str):
+        raise ValueError(f"--hessian_shrink {given} with --damp {config.damp}: the damp is chosen on "
+                         "unshrunk held-out Hessians; give --damp a number with --hessian_shrink, or drop one")
+    return {"hessian_shrink": resolve_shrink(given, config.weight_update, config.damp)}

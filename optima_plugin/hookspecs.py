@@ -48,6 +48,16 @@ def optima_addoption(parser: OptionParser) -> None:
     """
 
 
+@hookspec
+def optima_validate(config: Any) -> Optional[dict]:
+    """Check the plugin's options in ``config`` (a :class:`~optima_plugin.config.PruneConfig`, frozen) before
+    any work: raise ``ValueError`` with a one-line, flag-named message for a bad value or combination.
+
+    Return ``{field: value}`` of derived values (applied with :func:`dataclasses.replace`; the
+    implementations after see them), or None. Called once per run, by :func:`optima_plugin.validate.resolve`.
+    """
+
+
 # -- registries ---------------------------------------------------------------
 
 

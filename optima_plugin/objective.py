@@ -189,3 +189,27 @@ def dense_objective(weight: Tensor, new_weight: Tensor, terms: DenseTerms) -> fl
     rows = ((new @ h) * new).sum(dim=1) - 2.0 * ((w @ terms.cross.to(dtype).T) * new).sum(dim=1) \
         + terms.energy.to(device=h.device, dtype=dtype)
     return float(rows.double().sum())
+
+
+def validate_config(config) -> None:
+    """``--objective``: a known name; ``dense`` needs the optima update and no ``--input_recalc``."""
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {config.objective!r}")
+    if config.objective == "pruned":
+        return
+    if config.weight_update != "optima":
+        raise ValueError(f"--objective dense changes the target of the weight update, which --weight_update "
+                         f"{config.weight_update} does not solve for (it would change nothing): use "
+                         "--weight_update optima, or drop --objective dense")
+    if config.input_recalc:
+        raise ValueError("--objective dense needs the dense model's inputs of each linear, taken while its "
+                         "block is still dense; --input_recalc recomputes them from a partly pruned block: "
+                         "drop one of them")
+    if isinstance(config.damp, str):
+        raise ValueError(f"--damp {config.damp} chooses each layer's damp on held-out windows of the pruned-path "
+                         "Hessian alone; --objective dense needs one damp for its target rows: give --damp a "
+                         "number with --objective dense, or drop --objective dense")
+    if config.sink_tokens != "keep":
+        raise ValueError(f"--sink_tokens {config.sink_tokens} is not applied to the paired dense/pruned statistics "
+                         "of --objective dense (the cross term would mix filtered and unfiltered tokens): "
+                         "use --sink_tokens keep with --objective dense, or drop --objective dense")

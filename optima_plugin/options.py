@@ -13,7 +13,7 @@ A plugin declares its flags in a group named after it::
 
 The flag (``--my_alpha``) then appears in ``optima-prune`` and ``optima-host``, the
 Python API accepts ``prune(..., my_alpha=0.3)``, the value is validated once in
-:meth:`PruneConfig.validate <optima_plugin.config.PruneConfig.validate>` and the
+:func:`optima_plugin.validate.resolve` and the
 plugin reads it with ``config.option("my_alpha")``.
 """
 
@@ -54,6 +54,14 @@ class Option:
             raise ValueError(f"--{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
         if self.check is not None and not self.check(value):
             raise ValueError(f"--{self.name} {self.requirement}, got {value!r}")
+
+
+def declared_defaults(*declare: Callable[["OptionParser"], None]) -> dict[str, Any]:
+    """``{name: default}`` of the options the ``declare(parser)`` functions (a plugin's ``addoption``) declare."""
+    parser = OptionParser()
+    for add in declare:
+        add(parser)
+    return parser.defaults()
 
 
 class OptionGroup:

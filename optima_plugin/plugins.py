@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 import pluggy
 
 from . import hookspecs
+from .builtin import BUILTIN_PLUGINS
 from .options import OptionParser
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ def get_plugin_manager(disabled: Iterable[str] = ()) -> pluggy.PluginManager:
     if _manager is None:
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        from .builtin import BUILTIN_PLUGINS
-
         for plugin in BUILTIN_PLUGINS:
             pm.register(plugin, name=f"builtin:{type(plugin).__name__}")
         for name in disabled:
@@ -136,8 +135,6 @@ def collect_options(reserved: Iterable[str] = (), builtin: bool = True) -> Optio
         builtin: include the built-in plugins' options. ``optima-host`` leaves them out: the
             host allocates itself and owns flags of those names (OWL's ``--Lamda``, TRIM's ``--qmetric``).
     """
-    from .builtin import BUILTIN_PLUGINS
-
     parser = OptionParser(reserved)
     pm = get_plugin_manager()
     hook = pm.hook.optima_addoption if builtin else pm.subset_hook_caller("optima_addoption", BUILTIN_PLUGINS)

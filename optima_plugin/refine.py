@@ -445,3 +445,16 @@ def _admm(layer: _Layer, pattern: Pattern, iterations: int) -> tuple[int, int]:
     if not bool(ok.any()):
         log.info("refine admm: no row's exact objective dropped on the ADMM support; keeping the input mask")
     return it, rejected
+
+
+def validate_config(config) -> None:
+    """``--refine_mask``: a known method, a non-negative ``--refine_iters``, and the exact update it needs."""
+    if config.refine_mask not in METHODS:
+        raise ValueError(f"--refine_mask must be one of {', '.join(METHODS)}, got {config.refine_mask!r}")
+    iters = config.refine_iters
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"--refine_iters must be an integer >= 0, got {iters!r}")
+    if config.refine_mask != "none" and config.weight_update != "optima":
+        raise ValueError(f"--refine_mask {config.refine_mask} re-solves the weights exactly for every mask it tries "
+                         f"(it needs the Hessian): use --weight_update optima instead of "
+                         f"--weight_update {config.weight_update}, or drop --refine_mask")

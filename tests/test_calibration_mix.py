@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.data import calibration_counts, get_calibration, interleave_order
 from optima_plugin.testing import tiny_tokenizer
 
@@ -111,11 +112,11 @@ def test_one_source_is_unchanged_and_weights_are_relative(tok, two_files):
 ])
 def test_bad_specs_fail_validation_naming_the_flag(spec, nsamples, match):
     with pytest.raises(ValueError, match=match) as err:
-        PruneConfig(calibration_dataset=spec, nsamples=nsamples, batch_size=1).validate()
+        resolve(PruneConfig(calibration_dataset=spec, nsamples=nsamples, batch_size=1))
     assert "--calibration_dataset" in str(err.value)
 
 
 def test_a_local_path_with_a_weight_validates(two_files):
     a, b = two_files
-    cfg = PruneConfig(calibration_dataset=f"{a}:2,{b},sherlock", nsamples=4).validate()
+    cfg = resolve(PruneConfig(calibration_dataset=f"{a}:2,{b},sherlock", nsamples=4))
     assert cfg.to_dict()["calibration_dataset"] == f"{a}:2,{b},sherlock"  # the report records the string

@@ -311,10 +311,10 @@ def test_bad_combinations_fail_before_any_work(options, message):
 
 
 def test_separate_adapters_refused_with_stream(tmp_path):
-    from optima_plugin.config import PruneConfig
+    from optima_plugin.validate import resolve
 
     with pytest.raises(ValueError, match="--separate_lora"):
-        PruneConfig.from_options(lora_rank=0.1, separate_lora=True, stream=True, save_model=str(tmp_path / "o"))
+        resolve(lora_rank=0.1, separate_lora=True, stream=True, save_model=str(tmp_path / "o"))
 
 
 def test_prune_and_quantize_honours_the_reference_options():

@@ -13,6 +13,7 @@ import torch
 from optima_plugin import cli
 from optima_plugin.api import prune
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.damping import (
     AUTO_FALLBACK, DAMP_GRID, HeldOutAccumulator, HeldOutHessian, choose_damp, held_out, parse_damp,
     reconstruct_auto,
@@ -255,9 +256,9 @@ def test_cli_parses_damp_auto_and_rejects_words(capsys):
 ])
 def test_validation_names_the_flag(damp, nsamples, match):
     with pytest.raises(ValueError, match=match):
-        PruneConfig(damp=damp, nsamples=nsamples).validate()
-    PruneConfig(damp="auto", nsamples=2).validate()
-    PruneConfig(damp=0.0).validate()
+        resolve(PruneConfig(damp=damp, nsamples=nsamples))
+    resolve(PruneConfig(damp="auto", nsamples=2))
+    resolve(PruneConfig(damp=0.0))
 
 
 @pytest.mark.slow  # about half a minute: two Gloo ranks and one process

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.quantizers import QUANT_ATTR, QuantState
 from optima_plugin.testing import tiny_model, tiny_tokenizer
 
@@ -300,8 +301,8 @@ def test_missing_library_says_what_to_install(no_library, tmp_path):
         save_compressed(model, tiny_tokenizer(), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=r"needs the compressed-tensors library: pip install compressed-tensors"):
-        PruneConfig(save_model=str(tmp_path / "out"), save_format="compressed-tensors").validate()
-    PruneConfig(save_model=str(tmp_path / "out")).validate()  # hf needs nothing more
+        resolve(PruneConfig(save_model=str(tmp_path / "out"), save_format="compressed-tensors"))
+    resolve(PruneConfig(save_model=str(tmp_path / "out")))  # hf needs nothing more
 
 
 @pytest.mark.parametrize(
@@ -323,7 +324,7 @@ def test_config_rejects_bad_combinations(options, match, tmp_path):
     if "save_model" in options:
         options["save_model"] = str(tmp_path / "out")
     with pytest.raises(ValueError, match=match):
-        PruneConfig.from_options(**options)
+        resolve(**options)
 
 
 def test_cli_rejects_before_loading_the_model(tiny_dir, tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 
 from optima_plugin import prune
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.data import get_calibration
 from optima_plugin.hessian import HessianAccumulator, SinkTokens
 from optima_plugin.models import block_linears, get_adapter, input_groups
@@ -127,7 +128,7 @@ def test_a_two_dimensional_input_has_no_positions_only_the_norm_rule():
 ])
 def test_bad_sink_options_fail_validation(options, match):
     with pytest.raises(ValueError, match=match):
-        PruneConfig(nsamples=4, **options).validate()
+        resolve(PruneConfig(nsamples=4, **options))
 
 
 def test_the_pipeline_passes_the_setting_and_keep_changes_nothing():

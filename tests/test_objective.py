@@ -10,6 +10,7 @@ from conftest import one_window_at_a_time
 
 from optima_plugin import hookimpl, pipeline, prune
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.data import get_calibration
 from optima_plugin.models import block_linears, get_adapter, input_groups
 from optima_plugin.objective import CrossAccumulator, DenseTerms, OutputEnergy, Phase, dense_objective, dense_target
@@ -312,8 +313,8 @@ def test_a_crashed_dense_objective_run_resumes_bit_identical(tmp_path, tokenizer
 ])
 def test_bad_objective_options(options, match):
     with pytest.raises(ValueError, match=match):
-        PruneConfig(**options).validate()
-    PruneConfig(**{**options, "objective": "pruned"}).validate()  # the same options with the default objective
+        resolve(PruneConfig(**options))
+    resolve(PruneConfig(**{**options, "objective": "pruned"}))  # the same options with the default objective
 
 
 def test_cli_flag_reaches_the_config():

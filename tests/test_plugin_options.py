@@ -12,6 +12,7 @@ import pytest
 
 from optima_plugin import cli, hookimpl, plugins
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.host import launcher
 from optima_plugin.plugins import get_plugin_manager, registry
 from optima_plugin.selectors import BUILTIN_SELECTORS
@@ -82,7 +83,7 @@ def test_plugin_flag_default_and_python_api(alpha_plugin):
     report = prune(tiny_model("llama"), tiny_tokenizer(), progress=False, nsamples=2, seqlen=32,
                    weight_update="none", my_alpha=0.75)
     assert alpha_plugin.seen == [0.75] and report["options"]["my_alpha"] == 0.75
-    assert PruneConfig().option("my_alpha") == 0.5  # the declared default
+    assert resolve(PruneConfig()).option("my_alpha") == 0.5  # the declared default
 
 
 def test_bad_plugin_value_one_line(alpha_plugin, tiny_dir, capsys, monkeypatch):
@@ -109,17 +110,17 @@ def test_plugin_flag_on_optima_host(alpha_plugin, tmp_path, capsys):
 
 def test_from_options_lists_plugin_options(alpha_plugin):
     with pytest.raises(TypeError) as err:
-        PruneConfig.from_options(my_alhpa=0.3)
+        resolve(my_alhpa=0.3)
     known = str(err.value).split("known: ")[1].split(", ")
     assert {"my_alpha", "sparsity_ratio"} | BUILTIN_OPTIONS <= set(known)
-    config = PruneConfig.from_options(my_alpha=0.3, Lamda=0.1)
+    config = resolve(my_alpha=0.3, Lamda=0.1)
     assert (config.option("my_alpha"), config.option("Lamda"), config.option("sparsity_ratio")) == (0.3, 0.1, 0.5)
     with pytest.raises(LookupError, match="no option 'my_alhpa'.*my_alpha"):
         config.option("my_alhpa")
 
 
 def test_plugin_options_are_part_of_the_run_identity(alpha_plugin):
-    a, b = PruneConfig.from_options(Lamda=0.1).to_dict(), PruneConfig.from_options(Lamda=0.2).to_dict()
+    a, b = resolve(Lamda=0.1).to_dict(), resolve(Lamda=0.2).to_dict()
     assert a["Lamda"] == 0.1 and b["Lamda"] == 0.2 and a["my_alpha"] == 0.5
     assert {k: v for k, v in a.items() if k != "Lamda"} == {k: v for k, v in b.items() if k != "Lamda"}
 
@@ -132,7 +133,7 @@ def test_plugin_may_not_take_a_core_name(fresh_pm):
 
     get_plugin_manager().register(Clash(), name="clash")
     with pytest.raises(ValueError, match="--sparsity_ratio .*clashes with a core option"):
-        PruneConfig.from_options()
+        resolve()
 
 
 # -- registries -----------------------------------------------------------------------------

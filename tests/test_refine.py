@@ -12,6 +12,7 @@ from conftest import activation_hessian, random_weight
 
 from optima_plugin import cli, prune
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.refine import refine_mask
 from optima_plugin.solvers import reconstruct
 from optima_plugin.sparsity import Pattern, count_mask, nm_mask
@@ -160,7 +161,7 @@ def test_bad_arguments():
 )
 def test_validation(options, match):
     with pytest.raises(ValueError, match=match):
-        PruneConfig(**options).validate()
+        resolve(PruneConfig(**options))
 
 
 def test_cli_flags():

@@ -10,6 +10,7 @@ import torch
 from optima_plugin import cli
 from optima_plugin.api import prune
 from optima_plugin.config import PruneConfig
+from optima_plugin.validate import resolve
 from optima_plugin.data import get_calibration
 from optima_plugin.hessian import default_hessian_shrink, shrink_to_diagonal
 from optima_plugin.solvers import reconstruct
@@ -78,7 +79,7 @@ def test_dense_objective_with_shrink_runs():
 ])
 def test_validation(options, match):
     with pytest.raises(ValueError, match=match):
-        PruneConfig(**options).validate()
+        resolve(PruneConfig(**options))
 
 
 def test_cli_flag():
@@ -100,7 +101,7 @@ def test_cli_flag():
     (dict(hessian_shrink=0.1, weight_update="none"), 0.1),
 ])
 def test_default_resolves_per_update(options, resolved):
-    assert PruneConfig(**options).validate().hessian_shrink == resolved
+    assert resolve(PruneConfig(**options)).hessian_shrink == resolved
 
 
 @pytest.mark.parametrize("ratio, alpha", [(0.0, 0.3), (0.5, 0.3), (0.6, 0.15), (0.65, 0.075), (0.7, 0.0), (0.9, 0.0)])

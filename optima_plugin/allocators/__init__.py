@@ -10,12 +10,13 @@ layer's rows. See :mod:`.base` for the interfaces.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from . import alphapruning, owl, trim
 from .alphapruning import AlphaPruningAllocator
 from .base import AllocationContext, LayerAllocator, RowAllocation, RowAllocator, linears_by_block, row_summary
 from .owl import OwlAllocator
-from .ratio_file import load_layer_ratios, save_layer_ratios
+from .ratio_file import check_suffix, load_layer_ratios, save_layer_ratios
 from .trim import TrimRowAllocator
 
 log = logging.getLogger(__name__)
@@ -76,3 +77,39 @@ BUILTIN_ROW_ALLOCATORS = [TrimRowAllocator()]
 __all__ = ["AllocationContext", "AlphaPruningAllocator", "BUILTIN_ALLOCATORS", "BUILTIN_ROW_ALLOCATORS",
            "LayerAllocator", "OwlAllocator", "RowAllocation", "RowAllocator", "TrimRowAllocator",
            "UniformAllocator", "linears_by_block", "resolve_layer_ratios", "row_summary"]
+
+
+#: The hosts' (TRIM/OWL/AlphaPruning) combined method names: selector + allocation.
+HOST_METHODS = {
+    "wanda_owl": ("wanda", "owl"),
+    "wanda_alpha": ("wanda", "alphapruning"),
+    "magnitude_owl": ("magnitude", "owl"),
+    "magnitude_alpha": ("magnitude", "alphapruning"),
+}
+
+
+def validate_config(config) -> dict:
+    """Host method aliases (``wanda_owl`` = wanda + OWL, ...), allocation with the pattern, ratio file names.
+
+    Returns the selector and allocation an alias stands for (``{}`` without one)."""
+    derived = {}
+    method, allocation = config.prune_method, config.allocation
+    if method in HOST_METHODS:
+        selector, implied = HOST_METHODS[method]
+        if allocation not in ("uniform", implied):
+            raise ValueError(f"--prune_method {method} means --allocation {implied}; "
+                             f"drop --allocation {allocation} or use --prune_method {selector}")
+        derived = {"prune_method": selector, "allocation": implied}
+        allocation = implied
+    pattern = config.pattern
+    if pattern.structured and (config.use_trim or allocation != "uniform" or config.load_layer_ratio):
+        what = "--use_trim" if config.use_trim else (
+            f"--allocation {allocation}" if allocation != "uniform" else "--load_layer_ratio")
+        raise ValueError(f"{what} gives layers or rows different sparsities, but --sparsity_type "
+                         f"{config.sparsity_type} fixes every row at {pattern.ratio:g}; use unstructured")
+    for flag in ("save_layer_ratio", "load_layer_ratio"):
+        if getattr(config, flag):
+            check_suffix(getattr(config, flag), f"--{flag}")
+    if config.load_layer_ratio and not Path(config.load_layer_ratio).is_file():
+        raise ValueError(f"--load_layer_ratio {config.load_layer_ratio}: no such file")
+    return derived

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..options import OptionParser
+from ..options import OptionParser, declared_defaults
 from .base import AllocationContext, linears_by_block
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ class AlphaPruningAllocator:
 
     def layer_ratios(self, context: AllocationContext) -> dict:
         """Per-linear ratios from the weights' spectra (one SVD per linear)."""
-        epsilon = context.option("epsilon")
-        mapping = context.option("mapping_type")
+        epsilon = context.option("epsilon", declared_defaults(addoption))
+        mapping = context.option("mapping_type", declared_defaults(addoption))
         names = list(context.linears)
         alpha = {name: esd_alpha(weight) for name, weight in
                  tqdm(context.weights(), total=len(names), desc="AlphaPruning spectra", unit="layer",

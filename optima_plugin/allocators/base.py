@@ -12,11 +12,13 @@ Two kinds of allocators:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Protocol
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ..config import PruneConfig
 from ..models import block_linears
 from ..pipeline import onloaded_block
 
@@ -71,16 +73,17 @@ class AllocationContext:
         for group in self.block_weights():
             yield from group.items()
 
-    def option(self, name: str) -> Any:
-        """The option ``name`` (core or plugin-declared) of the config; without a config, its default.
+    def option(self, name: str, defaults: Mapping[str, Any] = MappingProxyType({})) -> Any:
+        """The option ``name`` (core or plugin-declared) of the config; without a config, its default:
+        a core field's, or the one in ``defaults`` (the calling allocator's declared options).
 
         ``LookupError`` for a name that is neither a core option nor declared by a plugin.
         """
-        if self.config is None:
-            from ..config import PruneConfig
-
-            return PruneConfig().option(name)
-        return self.config.option(name)
+        if self.config is not None:
+            return self.config.option(name)
+        if name in defaults:
+            return defaults[name]
+        return PruneConfig().option(name)
 
 
 class LayerAllocator(Protocol):

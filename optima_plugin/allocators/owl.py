@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import Tensor
 
-from ..options import OptionParser
+from ..options import OptionParser, declared_defaults
 from .base import AllocationContext, linears_by_block
 from .statistics import dense_input_norms
 
@@ -68,8 +68,8 @@ class OwlAllocator:
 
     def layer_ratios(self, context: AllocationContext) -> dict:
         """One ratio per block for all its linears; runs the dense statistics pass."""
-        lamda = context.option("Lamda")
-        hyper_m = context.option("Hyper_m")
+        lamda = context.option("Lamda", declared_defaults(addoption))
+        hyper_m = context.option("Hyper_m", declared_defaults(addoption))
         norms = dense_input_norms(context)
         blocks = [g for g in linears_by_block(context) if g]
         outliers = []

@@ -56,7 +56,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..options import OptionParser
+from ..options import OptionParser, declared_defaults
 from ..selectors.base import selector_scores
 from .base import RowAllocation
 
@@ -262,14 +262,11 @@ class TrimRowAllocator:
             return RowAllocation(torch.full((weight.shape[0],), float(ratio), dtype=torch.float64,
                                             device=weight.device), {"skipped": "ratio above row cap"})
         scores = selector_scores(selector, weight, hessian)
-        if config is None:
-            from ..config import PruneConfig
-
-            config = PruneConfig()
+        option = config.option if config is not None else declared_defaults(addoption).__getitem__
         return trim_row_ratios(
             weight, hessian, scores, float(ratio),
-            qmetric=config.option("qmetric"),
-            qmetric_dimwise=config.option("qmetric_dimwise"),
-            iterations=config.option("iterations"),
-            forbid_neg_lr=config.option("forbid_neg_lr"),
+            qmetric=option("qmetric"),
+            qmetric_dimwise=option("qmetric_dimwise"),
+            iterations=option("iterations"),
+            forbid_neg_lr=option("forbid_neg_lr"),
         )

@@ -29,6 +29,9 @@ import torch
 from torch import nn
 
 from ..data import get_eval_tokens
+from ..files import write_json
+from ..streaming import StreamedModel, cache_dir
+from ..version import __version__
 from .perplexity import _windows, measure
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,6 @@ FILE_SAMPLES = 16  # byte samples per tensor of a streamed model's files
 
 def cache_folder() -> Path:
     """Where the dense perplexities are kept: ``<cache_dir()>/ppl``."""
-    from ..streaming import cache_dir
-
     return cache_dir() / "ppl"
 
 
@@ -75,8 +76,6 @@ def _file_digest(h, path: Path) -> None:
 def weights_fingerprint(model) -> str:
     """sha256 of a model's weights (see the module docstring); one pass over them, or over a streamed
     model's file headers and samples."""
-    from ..streaming import StreamedModel
-
     h = hashlib.sha256()
     stream = model if isinstance(model, StreamedModel) else None
     module = _module(model)
@@ -99,8 +98,6 @@ def entry_key(fingerprint: str, tokenizer, dataset: str, windows: torch.Tensor, 
               max_windows: Optional[int], batch_size: int, device_type: str) -> str:
     """The cache key of one dense perplexity: sha256 over the weights' ``fingerprint``, the tokenizer,
     the windows and the settings that can change the last digits."""
-    from .. import __version__
-
     ids = hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
     parts = {
         "schema": SCHEMA, "weights": fingerprint,
@@ -129,8 +126,6 @@ def read_entry(path: Path, key: str) -> Optional[float]:
 
 def write_entry(path: Path, key: str, value: float, about: dict) -> bool:
     """Write the entry atomically; a warning (not an error) when it cannot be written. Whether it was."""
-    from ..files import write_json
-
     try:
         write_json(path, {"schema": SCHEMA, "key": key, "ppl": value, **about})
     except OSError as e:
@@ -178,15 +173,11 @@ def perplexities(model, tokenizer, datasets: Sequence[str], seqlen: int, *, max_
 
 def _module(model) -> nn.Module:
     """The ``nn.Module`` of a model: itself, or a streamed model's skeleton."""
-    from ..streaming import StreamedModel
-
     return model.model if isinstance(model, StreamedModel) else model
 
 
 def _device_type(model) -> str:
     """Where an in-memory model's weights are (a streamed model is evaluated on CPU unless told)."""
-    from ..streaming import StreamedModel
-
     if isinstance(model, StreamedModel):
         return "cpu"
     return next(model.parameters()).device.type

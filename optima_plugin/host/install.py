@@ -25,6 +25,7 @@ from ..files import check_distinct, check_output_file
 from ..hessian import resolve_shrink
 from ..models import get_adapter
 from ..plugins import collect_options, get_plugin_manager, registry
+from ..validate import check_tol
 from ..updaters import UpdateOptions
 from .plugin import OptimaMaskPlugin
 from .seam import HostSeam, SeamSettings
@@ -126,8 +127,7 @@ class HostOptions:
         if not math.isfinite(self.damp) or self.damp < 0:
             raise ValueError(f"--damp must be a finite number ≥ 0, got {self.damp}")
         self.hessian_shrink = resolve_shrink(self.hessian_shrink, self.weight_update, self.damp)
-        if self.tol is not None and not (math.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"--tol must be a finite number > 0, got {self.tol}")
+        check_tol(self.tol)  # the rule of optima-prune's --tol
         if self.max_iter is not None and self.max_iter < 1:
             raise ValueError(f"--max_iter must be at least 1, got {self.max_iter}")
         if self.report is not None:

@@ -100,3 +100,10 @@ def _check_pattern(name: str, pruned: Tensor, pattern: Pattern) -> None:
         raise ValueError(f"{name}: the mask from --mask_checkpoint is not {pattern} (a group of "
                          f"{pattern.m} prunes fewer than {pattern.n}); drop --sparsity_type "
                          f"{pattern} or give {pattern} masks")
+
+
+def validate_config(config) -> None:
+    """``--mask_checkpoint`` is read by ``--prune_method file`` only."""
+    if config.plugin_options.get("mask_checkpoint") and config.prune_method != "file":
+        raise ValueError(f"--mask_checkpoint is read by --prune_method file, not {config.prune_method}: add "
+                         "--prune_method file to use its masks, or drop --mask_checkpoint")
