@@ -51,7 +51,7 @@ def _row(report: dict, datasets: list) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hessian_shrink", type=float, default=0.0, help="--hessian_shrink of the OPTIMA rows "
-                    "(0: as the README's table was measured; the package's default is 0.3)")
+                    "(0: as the table in docs/ was measured; the package's default is 0.3)")
     ap.add_argument("--ratios", nargs="*", type=float, default=[0.6, 0.7])
     ap.add_argument("--allocations", nargs="*", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
     ap.add_argument("--updates", nargs="*", default=["none", "optima"])

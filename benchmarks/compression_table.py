@@ -46,7 +46,7 @@ def last_stage_error(report: dict) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hessian_shrink", type=float, default=0.0, help="--hessian_shrink of the OPTIMA rows "
-                    "(0: as the README's table was measured; the package's default is 0.3)")
+                    "(0: as the table in docs/ was measured; the package's default is 0.3)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--group_size", type=int, default=64, help="input columns per scale (0: per row)")

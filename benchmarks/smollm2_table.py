@@ -37,7 +37,7 @@ def eval_datasets(calibration: str, extra: str) -> list:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hessian_shrink", type=float, default=0.0, help="--hessian_shrink of the OPTIMA rows "
-                    "(0: as the README's table was measured; the package's default is 0.3)")
+                    "(0: as the table in docs/ was measured; the package's default is 0.3)")
     ap.add_argument("--patterns", nargs="*", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--calibration_dataset", default="pydoc", help="pydoc, sherlock or a local text path (pydoc)")

@@ -145,7 +145,7 @@ class HessianAccumulator:
 
 
 #: ``--hessian_shrink auto`` (the default with the OPTIMA update): this much at layer sparsity up to
-#: SHRINK_FULL_UNTIL, none from SHRINK_NONE_FROM, linear in between (README "Quality on text the model
+#: SHRINK_FULL_UNTIL, none from SHRINK_NONE_FROM, linear in between (docs/quality.md "Quality on text the model
 #: was not calibrated on": measured at 50% and 2:4, where the exact update's fit to the calibration
 #: text's input correlations does not transfer, and at 70%, where shrinking costs half the gain)
 DEFAULT_HESSIAN_SHRINK = 0.3
