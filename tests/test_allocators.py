@@ -94,6 +94,17 @@ def test_owl_refuses_out_of_range(tokenizer):
         prune(tiny_model("llama"), tokenizer, sparsity_ratio=0.95, allocation="owl", Lamda=0.2, progress=False, **FAST)
 
 
+def test_ratio_span_names_the_allocator_and_the_option_to_lower():
+    from optima_plugin.allocators.base import ratio_span
+
+    assert ratio_span(torch.tensor([0.2, 0.7]), "OWL block sparsities", 0.5, "--Lamda", 0.1) == (
+        pytest.approx(0.2), pytest.approx(0.7))
+    for bad in ([-0.1, 0.5], [0.5, 1.0]):
+        with pytest.raises(ValueError, match=r"AlphaPruning sparsities span \[.*outside \[0, 1\) at "
+                                             r"--sparsity_ratio 0.5 and --epsilon 0.3; lower --epsilon"):
+            ratio_span(torch.tensor(bad), "AlphaPruning sparsities", 0.5, "--epsilon", 0.3)
+
+
 # -- AlphaPruning ------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..options import OptionParser, declared_defaults
-from .base import AllocationContext, linears_by_block
+from .base import AllocationContext, linears_by_block, ratio_span
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,7 @@ class AlphaPruningAllocator:
         alphas = torch.tensor([alpha[n] for n in names], dtype=torch.float64)
         params = torch.tensor([context.linears[n].weight.numel() for n in names], dtype=torch.float64)
         ratios = alphapruning_ratios(alphas, params, context.target, epsilon)
-        lo, hi = float(ratios.min()), float(ratios.max())
-        if lo < 0 or hi >= 1:
-            raise ValueError(f"AlphaPruning sparsities span [{lo:.3f}, {hi:.3f}], outside [0, 1) at "
-                             f"--sparsity_ratio {context.target} and --epsilon {epsilon}; lower --epsilon")
+        lo, hi = ratio_span(ratios, "AlphaPruning sparsities", context.target, "--epsilon", epsilon)
         log.info("AlphaPruning (%s, epsilon %g): alpha %.3f..%.3f -> sparsities %.4f..%.4f",
                  mapping, epsilon, float(alphas.min()), float(alphas.max()), lo, hi)
         return {n: float(r) for n, r in zip(names, ratios)}

@@ -129,6 +129,16 @@ def linears_by_block(context: AllocationContext) -> list[dict[str, nn.Linear]]:
     return out
 
 
+def ratio_span(ratios: Tensor, what: str, target: float, flag: str, value: float) -> tuple[float, float]:
+    """``(min, max)`` of an allocator's ``ratios``; ``ValueError`` when they leave [0, 1), naming the allocator
+    (``what``: e.g. "OWL block sparsities") and the option (``flag``, ``value``) to lower."""
+    lo, hi = float(ratios.min()), float(ratios.max())
+    if lo < 0 or hi >= 1:
+        raise ValueError(f"{what} span [{lo:.3f}, {hi:.3f}], outside [0, 1) at --sparsity_ratio {target} and "
+                         f"{flag} {value}; lower {flag}")
+    return lo, hi
+
+
 def row_summary(ratios: Tensor) -> dict:
     """``{min, max, mean, std}`` of ``(r,)`` per-row ratios, as floats (for the report)."""
     r = ratios.detach().double()

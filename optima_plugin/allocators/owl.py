@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..options import OptionParser, declared_defaults
-from .base import AllocationContext, linears_by_block
+from .base import AllocationContext, linears_by_block, ratio_span
 from .statistics import dense_input_norms
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,7 @@ class OwlAllocator:
             outliers.append(outlier_ratio(scores, hyper_m))
         outliers_t = torch.tensor(outliers, dtype=torch.float64)
         ratios = owl_ratios(outliers_t, context.target, lamda)
-        lo, hi = float(ratios.min()), float(ratios.max())
-        if lo < 0 or hi >= 1:
-            raise ValueError(f"OWL block sparsities span [{lo:.3f}, {hi:.3f}], outside [0, 1) at "
-                             f"--sparsity_ratio {context.target} and --Lamda {lamda}; lower --Lamda")
+        lo, hi = ratio_span(ratios, "OWL block sparsities", context.target, "--Lamda", lamda)
         log.info("OWL (Lamda %g, Hyper_m %g): outlier ratios %.4f..%.4f -> block sparsities %.4f..%.4f",
                  lamda, hyper_m, float(outliers_t.min()), float(outliers_t.max()), lo, hi)
         return {name: float(r) for group, r in zip(blocks, ratios) for name in group}
