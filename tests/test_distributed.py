@@ -39,7 +39,10 @@ CASES = {
 # only in bits the float32 weights do not hold; float32 Hessians differ in their last bits (summation order),
 # which the solves of this tiny, ill-conditioned model amplify to a few 1e-5 (measured 3.9e-5).
 COMMON = dict(nsamples=5, seqlen=64, calibration_dataset="pydoc", seed=0, double_precision=True)
-TOLERANCE = {"float32": 2e-4}
+# SparseGPT's own update (sparsegpt_native) always factorises and sweeps in float32 (selectors/sparsegpt.py),
+# whatever --double_precision says: its weights differ at the float32 case's level too (measured 1.3e-5 with
+# torch 2.13 on a 2-core CPU, the single process on 2 threads and the ranks on 1), so it gets that case's bound.
+TOLERANCE = {"float32": 2e-4, "sparsegpt_native": 2e-4}
 
 RUN_CASES = """
 import json, sys, torch
