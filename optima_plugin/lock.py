@@ -72,7 +72,7 @@ def _acquire(path: Path, flag: str, folder: str) -> None:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
             raise ValueError(f"{flag} {folder}: cannot create its lock file {path} ({e.strerror or e}); "
                              "choose a folder in a writable location") from None

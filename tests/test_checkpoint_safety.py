@@ -398,3 +398,13 @@ def test_final_save_over_the_file_size_limit_is_one_line_and_the_rerun_saves(tin
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((tmp_path / "r.json").read_text())["resumed_from_block"] == 3  # not pruned again
     assert (out / "model.safetensors").is_file() and not ckpt.exists()
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_kept(tmp_path, tokenizer):
+    """The lock file is opened without following links: a link planted at its name never truncates its target."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / ".out.optima-lock").symlink_to(victim)
+    with pytest.raises(ValueError, match="cannot create its lock file"):
+        prune(tiny_model("llama"), tokenizer, save_model=str(tmp_path / "out"), **FAST)
+    assert victim.read_text() == "keep me"
