@@ -101,7 +101,7 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     if meta.get("negatable"):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         return
-    default = [] if f.default_factory is list else f.default
+    default = "" if f.default_factory is list else f.default  # a list flag is one comma-separated string
     if isinstance(default, bool):
         parser.add_argument(flag, action="store_true", help=help)
         return
