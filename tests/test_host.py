@@ -518,10 +518,10 @@ def test_split_argv_removes_plugin_flags_anywhere():
     ([__file__, "--tol", "nan"], "--tol must be in (0, 1) (a relative tolerance), got nan"),
     ([__file__, "--tol", "inf"], "--tol must be in (0, 1) (a relative tolerance), got inf"),
     ([__file__, "--tol", "1"], "--tol must be in (0, 1) (a relative tolerance), got 1.0"),  # optima-prune's rule
-    ([__file__, "--max_iter", "0"], "--max_iter must be at least 1, got 0"),
-    ([__file__, "--damp", "nan"], "--damp must be a finite number ≥ 0, got nan"),
-    ([__file__, "--damp", "inf"], "--damp must be a finite number ≥ 0, got inf"),
-    ([__file__, "--damp=-0.1"], "--damp must be a finite number ≥ 0"),
+    ([__file__, "--max_iter", "0"], "--max_iter must be a positive integer, got 0"),  # optima-prune's rule
+    ([__file__, "--damp", "nan"], "--damp must be a finite number >= 0 or 'auto', got nan"),  # optima-prune's rule
+    ([__file__, "--damp", "inf"], "--damp must be a finite number >= 0 or 'auto', got inf"),
+    ([__file__, "--damp=-0.1"], "--damp must be a finite number >= 0"),
     ([__file__, "--optima_report", str(Path(__file__).parent)], "--optima_report"),  # a folder
     ([__file__, "--optima_report", __file__ + "/r.json"], "--optima_report"),  # under a file
 ])

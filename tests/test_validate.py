@@ -1,5 +1,5 @@
 """One validation per run (issue 25): ``validate.resolve`` returns a resolved, frozen config; the CLI, the API
-and the engine go through it once; the host takes the config's ``--tol`` rule."""
+and the engine go through it once; optima-host's shared options go through it too."""
 
 from __future__ import annotations
 
@@ -65,3 +65,17 @@ def test_host_tol_follows_the_config_rule(tol):
         resolve(tol=tol)
     with pytest.raises(ValueError, match=r"--tol must be in \(0, 1\)"):
         HostOptions(tol=tol).validate()
+
+
+def test_host_options_go_through_resolve(counting):
+    """optima-host's options pass the same entry as optima-prune's: every plugin's optima_validate sees them, and
+    validate() returns a new HostOptions (the given one untouched)."""
+    given = HostOptions(weight_update="none", solver="direct")
+    out = given.validate()
+    assert len(counting.seen) == 1  # resolve ran once, with the plugins' hooks
+    assert (given.hessian_shrink, out.hessian_shrink) == ("auto", 0.0)  # resolved on a copy
+    assert out is not given and out.solver == "direct"
+    with pytest.raises(ValueError, match="--damp must be a number for optima-host"):
+        HostOptions(damp="auto").validate()
+    with pytest.raises(ValueError, match="--max_iter must be a positive integer"):  # optima-prune's rule
+        HostOptions(max_iter=0).validate()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,10 +21,9 @@ from torch import nn
 
 from ..data import BUILTIN, BUILTIN_TEXTS
 from ..files import check_distinct, check_output_file
-from ..hessian import resolve_shrink
 from ..models import get_adapter
 from ..plugins import collect_options, get_plugin_manager, registry
-from ..validate import check_tol
+from ..validate import resolve
 from ..updaters import UpdateOptions
 from .plugin import OptimaMaskPlugin
 from .seam import HostSeam, SeamSettings
@@ -98,11 +96,21 @@ class HostOptions:
         return declared[name].default
 
     def validate(self) -> "HostOptions":
-        """``ValueError`` naming the flag for bad values; return self."""
-        from ..solvers import get_solver
+        """The options checked (``ValueError`` naming the flag for a bad value) and resolved, as a new
+        :class:`HostOptions`.
 
-        for kind, name, flag in (("updaters", self.weight_update, "--weight_update"),
-                                 ("selectors", self.mask_selector, "--mask_selector")):
+        The options the host shares with ``optima-prune`` (``--weight_update``, ``--solver``, ``--damp``,
+        ``--tol``, ``--max_iter``, ``--hessian_shrink``, ``--device``, the third-party plugins' options) go
+        through :func:`optima_plugin.validate.resolve`, the one entry every run's options pass, so they follow
+        the same rules and every plugin's ``optima_validate`` sees them; the host's own flags are checked here.
+        """
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool):
+            raise ValueError(f"--damp must be a number for optima-host (auto needs optima-prune's held-out "
+                             f"calibration windows), got {self.damp!r}")
+        shared = resolve(weight_update=self.weight_update, solver=self.solver, damp=self.damp, tol=self.tol,
+                         max_iter=self.max_iter, double_precision=self.double_precision,
+                         hessian_shrink=self.hessian_shrink, device=self.device, **self.plugin_options)
+        for kind, name, flag in (("selectors", self.mask_selector, "--mask_selector"),):
             known = registry(kind)
             if name is not None and name not in known:
                 raise ValueError(f"unknown {flag} {name!r}; known: {', '.join(sorted(known))}")
@@ -110,7 +118,6 @@ class HostOptions:
             raise ValueError(f"--mask_selector {self.mask_selector} needs a whole run's setup (e.g. its mask file "
                              f"matched to the model), which a host's loop does not give it; run optima-prune "
                              f"--prune_method {self.mask_selector} instead")
-        get_solver(self.solver)
         unknown = sorted(set(self.no_shim) - set(SHIMS))
         if unknown:
             raise ValueError(f"unknown --no_shim {', '.join(unknown)}; known: {', '.join(SHIMS)}")
@@ -124,20 +131,14 @@ class HostOptions:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
         if self.nsamples < 1:
             raise ValueError(f"--optima_nsamples must be at least 1, got {self.nsamples}")
-        if not math.isfinite(self.damp) or self.damp < 0:
-            raise ValueError(f"--damp must be a finite number ≥ 0, got {self.damp}")
-        self.hessian_shrink = resolve_shrink(self.hessian_shrink, self.weight_update, self.damp)
-        check_tol(self.tol)  # the rule of optima-prune's --tol
-        if self.max_iter is not None and self.max_iter < 1:
-            raise ValueError(f"--max_iter must be at least 1, got {self.max_iter}")
         if self.report is not None:
             check_output_file(self.report, "--optima_report")
             texts = [(flag, path) for flag, path in (("--host_data", self.host_data),
                                                      ("--optima_calibration", self.calibration))
                      if path and path not in BUILTIN and Path(path).exists()]
             check_distinct([("--optima_report", self.report)], texts)
-        self.plugin_options = collect_options(builtin=False).resolve(self.plugin_options)
-        return self
+        return dataclasses.replace(self, hessian_shrink=shared.hessian_shrink,
+                                   plugin_options=collect_options(builtin=False).resolve(self.plugin_options))
 
     @property
     def updates(self) -> bool:
