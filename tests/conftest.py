@@ -38,6 +38,18 @@ def one_window_at_a_time(run_block):
     return small_device
 
 
+def with_plugin(plugin, fn):
+    """``fn()`` with ``plugin`` registered on the plugin manager (unregistered afterwards, whatever happens)."""
+    from optima_plugin.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    pm.register(plugin)
+    try:
+        return fn()
+    finally:
+        pm.unregister(plugin)
+
+
 def random_weight(r: int, d: int, *, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(r, d, generator=g) / d**0.5

@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM
 from optima_plugin import checkpoint as checkpoint_module
 from optima_plugin import cli, hookimpl, prune
 from optima_plugin.checkpoint import Checkpoint, RunInterrupted
-from optima_plugin.plugins import get_plugin_manager
 from optima_plugin.streaming import open_streamed
 from optima_plugin.testing import tiny_model, tiny_tokenizer
+from conftest import with_plugin
 
 FAST = dict(nsamples=4, seqlen=32, calibration_dataset="pydoc", device="cpu", progress=False)
 ARGV = ["--seqlen", "32", "--nsamples", "4", "--calibration_dataset", "pydoc", "--device", "cpu", "--quiet"]
@@ -43,15 +43,6 @@ class _AtBlock:
     def optima_block_done(self, index, num_blocks, seconds):
         if index == self.at:
             self.action()
-
-
-def _with_plugin(plugin, fn):
-    pm = get_plugin_manager()
-    pm.register(plugin)
-    try:
-        return fn()
-    finally:
-        pm.unregister(plugin)
 
 
 def _crash():
@@ -87,7 +78,7 @@ def test_checkpoint_of_weights_changed_in_memory_is_refused(tmp_path, tokenizer)
     ckpt = tmp_path / "ckpt"
     base = tiny_model("llama")
     with pytest.raises(RunInterrupted):
-        _with_plugin(_AtBlock(0, _ctrl_c), lambda: prune(copy.deepcopy(base), tokenizer, checkpoint_dir=str(ckpt),
+        with_plugin(_AtBlock(0, _ctrl_c), lambda: prune(copy.deepcopy(base), tokenizer, checkpoint_dir=str(ckpt),
                                                          **FAST))
     tuned = copy.deepcopy(base)
     _fine_tune(tuned)
@@ -100,7 +91,7 @@ def test_checkpoint_of_weights_changed_at_the_same_path_is_refused_by_the_cli(ti
     """The issue's repro: prune a folder, stop after block 0, save a fine-tune into the same folder, rerun."""
     ckpt = tmp_path / "ckpt"
     argv = ["--model", str(tiny_dir), "--checkpoint_dir", str(ckpt)] + ARGV
-    assert _with_plugin(_AtBlock(0, _ctrl_c), lambda: cli.main(argv)) == 130
+    assert with_plugin(_AtBlock(0, _ctrl_c), lambda: cli.main(argv)) == 130
     assert json.loads((ckpt / "state.json").read_text())["next_block"] == 1
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     _fine_tune(model)
@@ -117,7 +108,7 @@ def test_streamed_checkpoint_of_changed_files_is_refused(tmp_path, tokenizer):
     tokenizer.save_pretrained(source)
     options = dict(FAST, save_model=str(tmp_path / "out"))
     with pytest.raises(RuntimeError, match="power cut"):
-        _with_plugin(_AtBlock(0, _crash), lambda: prune(open_streamed(str(source))[0], tokenizer, **options))
+        with_plugin(_AtBlock(0, _crash), lambda: prune(open_streamed(str(source))[0], tokenizer, **options))
     _fine_tune(base)
     base.save_pretrained(source)
     with pytest.raises(ValueError, match="differs in model_fingerprint"):
@@ -156,7 +147,7 @@ def test_second_run_on_the_same_save_model_refuses_at_once_naming_the_first(tiny
         seen["run"] = _cli_subprocess(["--model", str(tiny_dir), "--save_model", str(out)] + ARGV)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    first = _with_plugin(_AtBlock(0, second_run),
+    first = with_plugin(_AtBlock(0, second_run),
                          lambda: prune(model, tokenizer, save_model=str(out), model_path=str(tiny_dir), **FAST))
     run = seen["run"]
     assert run.returncode == 2, run.stderr[-2000:]
@@ -205,7 +196,7 @@ def test_lock_is_held_across_processes_and_names_the_holder(tmp_path):
 def _interrupted_checkpoint(tmp_path, tokenizer, at: int = 1) -> Path:
     """A default checkpoint beside ``tmp_path/out`` of a run that crashed after block ``at``."""
     with pytest.raises(RuntimeError, match="power cut"):
-        _with_plugin(_AtBlock(at, _crash), lambda: prune(tiny_model("llama"), tokenizer,
+        with_plugin(_AtBlock(at, _crash), lambda: prune(tiny_model("llama"), tokenizer,
                                                          save_model=str(tmp_path / "out"), **FAST))
     ckpt = tmp_path / "out.checkpoint"
     assert json.loads((ckpt / "state.json").read_text())["next_block"] == at + 1
@@ -296,7 +287,7 @@ def test_state_is_written_before_any_block_file(tmp_path, tokenizer):
                 seen.append(sorted(p.name for p in ckpt.iterdir()))
                 seen.append(json.loads((ckpt / "state.json").read_text())["next_block"])
 
-    _with_plugin(First(), lambda: prune(tiny_model("llama"), tokenizer, checkpoint_dir=str(ckpt), **FAST))
+    with_plugin(First(), lambda: prune(tiny_model("llama"), tokenizer, checkpoint_dir=str(ckpt), **FAST))
     assert seen == [["state.json"], 0]
 
 

@@ -16,9 +16,9 @@ import torch
 from optima_plugin import cli, engine, hookimpl, pipeline, prune
 from optima_plugin.checkpoint import RunInterrupted
 from optima_plugin.engine import NonFiniteError
-from optima_plugin.plugins import get_plugin_manager
 from optima_plugin.selectors.base import Selection
 from optima_plugin.testing import tiny_model, tiny_tokenizer
+from conftest import with_plugin
 
 FAST = dict(nsamples=4, seqlen=32, calibration_dataset="pydoc", progress=False)
 
@@ -47,15 +47,6 @@ class _Hook:
     @hookimpl
     def optima_block_done(self, index, num_blocks, seconds):
         self.action(index)
-
-
-def _with_plugin(plugin, fn):
-    pm = get_plugin_manager()
-    pm.register(plugin)
-    try:
-        return fn()
-    finally:
-        pm.unregister(plugin)
 
 
 # -- fail before the work -----------------------------------------------------------------
@@ -230,7 +221,7 @@ class _EscalatingPlugin:
 
 
 def test_escalated_damping_of_the_selector_is_in_the_report(tokenizer):
-    report = _with_plugin(_EscalatingPlugin(), lambda: prune(
+    report = with_plugin(_EscalatingPlugin(), lambda: prune(
         tiny_model("llama"), tokenizer, prune_method="escalating_for_test", weight_update="none", **FAST))
     assert report["summary"]["damp_escalated_layers"] == [x["name"] for x in report["layers"]
                                                           if x["name"].endswith("down_proj")]
@@ -261,7 +252,7 @@ def test_interrupted_then_resumed_is_bit_identical(tmp_path, tokenizer):
     first = copy.deepcopy(base)
     ctrl_c = _Hook(lambda i: os.kill(os.getpid(), signal.SIGINT) if i == 0 else None)
     with pytest.raises(RunInterrupted, match=r"after block 0 of 3.*run the same command again to resume"):
-        _with_plugin(ctrl_c, lambda: prune(first, tokenizer, checkpoint_dir=str(ckpt), **options))
+        with_plugin(ctrl_c, lambda: prune(first, tokenizer, checkpoint_dir=str(ckpt), **options))
     state = json.loads((ckpt / "state.json").read_text())
     assert state["next_block"] == 1
 
@@ -284,7 +275,7 @@ def test_crash_in_block_2_resumes_there(tmp_path, tokenizer):
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(RuntimeError, match="power cut"):
-        _with_plugin(_Hook(crash), lambda: prune(copy.deepcopy(base), tokenizer, sparsity_type="2:4",
+        with_plugin(_Hook(crash), lambda: prune(copy.deepcopy(base), tokenizer, sparsity_type="2:4",
                                                  checkpoint_dir=str(ckpt), **FAST))
     resumed = copy.deepcopy(base)
     assert prune(resumed, tokenizer, sparsity_type="2:4", checkpoint_dir=str(ckpt), **FAST)["resumed_from_block"] == 2
@@ -385,7 +376,7 @@ def test_same_seed_same_weights_whatever_the_global_random_state(tokenizer):
         prune(model, tokenizer, prune_method="random_for_test", seed=seed, **FAST)
         return _weights(model)
 
-    a, b, c = _with_plugin(_RandomPlugin(), lambda: (run(0, 1), run(0, 2), run(1, 1)))
+    a, b, c = with_plugin(_RandomPlugin(), lambda: (run(0, 1), run(0, 2), run(1, 1)))
     _assert_identical(a, b)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed does reach the selector
 
