@@ -117,3 +117,14 @@ def test_objectives_are_computed_once_per_layer(shrink, per_layer, monkeypatch):
                    weight_update="optima", hessian_shrink=shrink, **FAST)
     assert len(calls) == per_layer * len(report["layers"])
     assert all(x["objective"] is not None and x["mask_objective"] > 0 for x in report["layers"])
+
+
+def test_masks_from_a_file_still_prune_at_ratio_zero(tmp_path):
+    """``--prune_method file`` ignores ``--sparsity_ratio``: at ratio 0 its masks are still applied."""
+    path = tmp_path / "masks.safetensors"
+    prune(tiny_model("llama"), tiny_tokenizer(), prune_method="wanda", save_masks=str(path), **FAST)
+    model = tiny_model("llama")
+    report = prune(model, tiny_tokenizer(), prune_method="file", mask_checkpoint=str(path), sparsity_ratio=0.0,
+                   **FAST)
+    assert all(abs(x["sparsity"] - 0.5) < 0.05 for x in report["layers"])  # the file's 50% masks
+    assert all(float((lin.weight == 0).float().mean()) >= 0.45 for lin in _linears(model).values())
