@@ -561,6 +561,8 @@ def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats
     """
     t0 = time.perf_counter()
     dense, hessian, config = lin.weight.detach(), stats.hessian, work.config
+    if _nothing_to_prune(stats, work):
+        return _compress_only(name, block_index, lin, stats, work, t0)
     ratio, rows = _row_ratios(dense, stats, work)
     named = {"name": name} if getattr(work.selector, "needs_name", False) else {}
     selection = work.selector.select(_working(dense), hessian, ratio, work.pattern, **named)
@@ -596,6 +598,34 @@ def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats
         compression=figures, refine=refined,
         solved_objective=solved, solved_mask_objective=solved_mask, solved_error_ratio=ratio_solved,
     )
+
+
+def _nothing_to_prune(stats: LayerStats, work: LinearWork) -> bool:
+    """Whether the layer keeps every weight: ratio 0 with an unstructured pattern, no row allocator, the
+    selector reads the ratio (not ``file``), and the least-squares objective (``--objective dense`` may still
+    update the weights towards the dense model's outputs)."""
+    return (not torch.is_tensor(stats.ratio) and float(stats.ratio) == 0.0 and not work.pattern.structured
+            and work.row_allocator is None and stats.dense_terms is None
+            and not getattr(work.selector, "ignores_ratio", False))
+
+
+def _compress_only(name: str, block_index: int, lin: nn.Linear, stats: LayerStats, work: LinearWork,
+                   t0: float) -> LayerResult:
+    """A layer with nothing to prune: no selection, no update (its weights stay, its mask is all False, its
+    objectives 0, or None without statistics); then the compression stage as for a pruned layer."""
+    dense = lin.weight.detach()
+    pruned = torch.zeros(dense.shape, dtype=torch.bool, device=dense.device)
+    zero = 0.0 if stats.hessian is not None else None
+    sparsity = float((dense == 0).float().mean())  # before compression, as for a pruned layer
+    compression = work.compression
+    figures = compression.apply(name, lin, dense.clone(), pruned, stats.hessian, true_hessian=stats.true_hessian) \
+        if compression is not None else None
+    return LayerResult(
+        name=name, block=block_index, shape=list(dense.shape), ratio=0.0, sparsity=sparsity,
+        error_ratio=None if zero is None else error_ratio(zero, zero), objective=zero, mask_objective=zero,
+        accepted=True, seconds=time.perf_counter() - t0, update={}, compression=figures,
+        solved_objective=zero, solved_mask_objective=zero,
+        solved_error_ratio=None if zero is None else error_ratio(zero, zero))
 
 
 def _working(dense: Tensor) -> Tensor:

@@ -63,6 +63,9 @@ class MaskSelector(Protocol):
     # Optional: ``needs_name = True``: :meth:`select` is also given ``name=`` (the linear's full module
     # name, ``model.layers.0.self_attn.q_proj``), for selectors that look masks up by layer (``file``).
     #
+    # Optional: ``ignores_ratio = True``: :meth:`select` prunes whatever ``ratio`` says (``file``), so a layer
+    # at ratio 0 is still selected (others: a ratio-0 unstructured layer skips selection and update).
+    #
     # Optional: ``prepare(config, linears, prefix)``: called once per run after the model is loaded and
     # before calibration, with the :class:`~optima_plugin.config.PruneConfig`, ``{name: nn.Linear}`` of
     # the linears to prune and the blocks' path (``model.layers``); raise ``ValueError`` there for

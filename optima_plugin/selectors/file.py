@@ -38,6 +38,7 @@ class FileSelector:
     name = "file"
     needs_hessian = False
     needs_name = True
+    ignores_ratio = True  # its masks prune even at --sparsity_ratio 0
 
     def __init__(self) -> None:
         self.masks: Optional[MaskFile] = None
