@@ -29,6 +29,7 @@ from .maskfile import save_masks
 from .memory import PeakMemory
 from .sparsity import check_sparsity
 from .streaming import StreamedModel
+from .timing import Phases
 from .validate import resolve
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,14 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
     ppl: dict = {}
     zero_shot: dict = {}
     evaluated = stream if stream is not None else model
+    phases = Phases()  # evaluation and save (the prune's own phases are prune_model's)
     if main and config.eval_dense and config.eval_ppl:
-        ppl["dense"], ppl["dense_source"] = _evaluate(evaluated, tokenizer, eval_tokens, config, progress,
-                                                      dense=True)
+        with phases.phase("evaluation"):
+            ppl["dense"], ppl["dense_source"] = _evaluate(evaluated, tokenizer, eval_tokens, config, progress,
+                                                          dense=True)
     if main and config.eval_dense and config.eval_zero_shot:
-        zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
+        with phases.phase("evaluation"):
+            zero_shot["dense"] = _zero_shot(model, tokenizer, config, progress)
     if job is not None:
         job.wait_for_main()  # rank 0's dense evaluation, without the collective timeout
     with _staging(stream, config):
@@ -116,32 +120,18 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
         try:
             if config.eval_ppl:
                 evaluated = stream.pruned() if stream is not None else model
-                ppl["pruned"] = _evaluate(evaluated, tokenizer, eval_tokens, config, progress)
+                with phases.phase("evaluation"):
+                    ppl["pruned"] = _evaluate(evaluated, tokenizer, eval_tokens, config, progress)
                 report["ppl"] = ppl
             if config.eval_zero_shot:
-                zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
+                with phases.phase("evaluation"):
+                    zero_shot["pruned"] = _zero_shot(model, tokenizer, config, progress)
                 report["zero_shot"] = zero_shot
-            if config.save_model:
-                protected = [config.model_path] if config.model_path else []
-                with _writing("--save_model", config.save_model, config):
-                    if stream is not None:
-                        stream.save(config.save_model, tokenizer, overwrite=config.overwrite,
-                                    protected=protected + [str(stream.directory)])
-                    elif config.save_format == "compressed-tensors":
-                        from .export import save_compressed
-
-                        save_compressed(model, tokenizer, config.save_model, overwrite=config.overwrite,
-                                        protected=protected,
-                                        pruned=[x["name"] for x in report["layers"] if x.get("sparsity", 0) > 0])
-                    else:
-                        save_model(model, tokenizer, config.save_model, overwrite=config.overwrite,
-                                   protected=protected)
-                report["saved_to"] = str(config.save_model)
-            if config.save_masks:
-                with _writing("--save_masks", config.save_masks, config):
-                    count = save_masks(_pruned_masks(model, stream, report["layers"]), config.save_masks)
-                report["masks_saved_to"] = str(config.save_masks)
-                log.info("%d masks (True = pruned) written to %s", count, config.save_masks)
+            if config.save_model or config.save_masks:
+                with phases.phase("save"):
+                    _save(model, stream, tokenizer, config, report)
+            # after prune_seconds: the run's evaluation and saving (the report's own writing not included)
+            report["timings"]["phases"] = {**report["timings"].get("phases", {}), **phases.to_dict()}
             if config.report:
                 with _writing("--report", config.report, config):
                     write_json(config.report, report)
@@ -162,6 +152,31 @@ def _run(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: P
     elif config.checkpoint_dir:
         log.info("checkpoint kept in %s (the same command reuses it; delete it when done)", config.checkpoint_dir)
     return report
+
+
+def _save(model: nn.Module, stream: Optional[StreamedModel], tokenizer, config: PruneConfig, report: dict) -> None:
+    """``--save_model`` and ``--save_masks``: write them, and record where in ``report``."""
+    if config.save_model:
+        protected = [config.model_path] if config.model_path else []
+        with _writing("--save_model", config.save_model, config):
+            if stream is not None:
+                stream.save(config.save_model, tokenizer, overwrite=config.overwrite,
+                            protected=protected + [str(stream.directory)])
+            elif config.save_format == "compressed-tensors":
+                from .export import save_compressed
+
+                save_compressed(model, tokenizer, config.save_model, overwrite=config.overwrite,
+                                protected=protected,
+                                pruned=[x["name"] for x in report["layers"] if x.get("sparsity", 0) > 0])
+            else:
+                save_model(model, tokenizer, config.save_model, overwrite=config.overwrite,
+                           protected=protected)
+        report["saved_to"] = str(config.save_model)
+    if config.save_masks:
+        with _writing("--save_masks", config.save_masks, config):
+            count = save_masks(_pruned_masks(model, stream, report["layers"]), config.save_masks)
+        report["masks_saved_to"] = str(config.save_masks)
+        log.info("%d masks (True = pruned) written to %s", count, config.save_masks)
 
 
 def _pruned_masks(model: nn.Module, stream: Optional[StreamedModel], layers: list) -> Iterator[tuple[str, Tensor]]:

@@ -23,6 +23,7 @@ from .evaluation.zero_shot import DEFAULT_TASKS
 from .hessian import DEFAULT_HESSIAN_SHRINK, SHRINK_FULL_UNTIL, SHRINK_NONE_FROM, SINK_MODES, parse_shrink
 from .objective import OBJECTIVES
 from .plugins import add_disable_flag, disabled_plugins, get_plugin_manager
+from .timing import summary_line
 from .refine import METHODS as REFINE_METHODS
 
 log = logging.getLogger("optima_plugin")
@@ -214,6 +215,8 @@ def print_summary(report: dict, out=None) -> None:
     mem = report.get("memory", {})
     print(f"prune time {t['prune_seconds']:.1f} s, peak RSS {mem.get('peak_rss_mb', float('nan')):.0f} MB"
           + (f", CUDA peak {mem['cuda_peak_mb']:.0f} MB" if mem.get("cuda_peak_mb") else ""), file=out)
+    if t.get("phases"):
+        print(summary_line(t["phases"]), file=out)
     print_perplexity(report.get("ppl", {}), out)
     if report.get("zero_shot"):
         print_zero_shot(report["zero_shot"], out)

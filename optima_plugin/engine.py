@@ -48,6 +48,7 @@ from .objective import DenseTerms, dense_objective, dense_target
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
 from .plugins import get_plugin_manager, lookup
 from .solvers.problem import reconstruction_error
+from .timing import Phases, timed
 from .updaters import UpdateOptions
 from .validate import resolve
 
@@ -213,6 +214,7 @@ class _Run:
     oom_backoff: list = field(default_factory=list)
     pm: Any = None
     report: Any = None  # the ReportObserver: the report's layers and block seconds
+    phases: Phases = field(default_factory=Phases)  # the report's timings.phases
     shown: Any = None  # the ProgressObserver
 
     @property
@@ -272,7 +274,9 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
         _prune_blocks(run, pipe)
         report = _report(run, pipe, {"capture_seconds": t_capture, "allocation_seconds": t_alloc,
                                      "block_seconds": run.report.block_seconds,
-                                     "prune_seconds": time.perf_counter() - t_start})
+                                     "prune_seconds": time.perf_counter() - t_start,
+                                     "phases": run.phases.to_dict(),
+                                     "solver_iterations": _solver_iterations(run.report.layers)})
         run.pm.hook.optima_run_done(report=report)
         return report
     except Exception as e:
@@ -346,13 +350,15 @@ def _open_checkpoint(run: _Run) -> None:
 def _allocate(run: _Run, tokenizer) -> tuple[Tensor, float]:
     """Each linear's ratio (a ratio file before calibration); the calibration tokens and the seconds spent."""
     config = run.config
-    run.ratios = _layer_ratios(run, None)
-    tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
-    if not run.offload:
-        run.model.to(run.device)
+    with run.phases.phase("calibration"):  # a ratio file, the calibration windows, the model to the device
+        run.ratios = _layer_ratios(run, None)
+        tokens = get_calibration(config.calibration_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
+        if not run.offload:
+            run.model.to(run.device)
     t_alloc = time.perf_counter()
     if run.ratios is None:
-        run.ratios = _layer_ratios(run, tokens)
+        with run.phases.phase("allocation"):
+            run.ratios = _layer_ratios(run, tokens)
     return tokens, time.perf_counter() - t_alloc
 
 
@@ -363,14 +369,16 @@ def _capture(run: _Run, tokens: Tensor) -> BlockPipeline:
                          storage=torch.device("cpu") if run.offload else run.device,
                          offload="cpu" if run.offload else None, oom_backoff=run.oom_backoff, stream=run.stream,
                          dist=run.dist, track_dense=config.objective == "dense",
-                         sink=SinkTokens.from_config(config))
-    inputs = pipe.capture(tokens)
+                         sink=SinkTokens.from_config(config), phases=run.phases)
+    with run.phases.phase("capture"):
+        inputs = pipe.capture(tokens)
     if run.resume and start < run.num_blocks:
-        checkpoint.check_inputs(start)  # under torchrun: every rank's share, or an error on every rank
-        pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
-        if pipe.track_dense:
-            pipe.dense_inputs = checkpoint.dense_inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
-            check_finite(pipe.dense_inputs, f"the checkpoint's dense-model inputs of block {start}")
+        with run.phases.phase("checkpoint"):  # the checkpoint's inputs of the first unfinished block
+            checkpoint.check_inputs(start)  # under torchrun: every rank's share, or an error on every rank
+            pipe.inputs = inputs = checkpoint.inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
+            if pipe.track_dense:
+                pipe.dense_inputs = checkpoint.dense_inputs(start).to(device=pipe.storage, dtype=inputs.dtype)
+                check_finite(pipe.dense_inputs, f"the checkpoint's dense-model inputs of block {start}")
     check_finite(inputs, "the inputs of block 0 (the embedding outputs)" if start == 0
                  else f"the checkpoint's inputs of block {start}")
     return pipe
@@ -391,7 +399,8 @@ def _prune_blocks(run: _Run, pipe: BlockPipeline) -> None:
     def after(i: int, block: nn.Module) -> None:
         check_finite(pipe.inputs, f"the outputs of block {i} ({prefix}.{i})")
         if run.stream is not None and (run.dist is None or run.dist.is_main()):
-            run.stream.write_block(i, block)
+            with run.phases.phase("stream"):
+                run.stream.write_block(i, block)
 
     with stop_after_block(enabled=run.checkpoint is not None) as stop:
         pipe.run(range(run.start, num_blocks), lambda i, block: _prune_block(run, pipe, i, block), before=before,
@@ -402,11 +411,12 @@ def _block_done(run: _Run, pipe: BlockPipeline, i: int, seconds: float, stop) ->
     """Checkpoint block ``i`` (offloaded), announce it, and stop here when Ctrl-C asked for it."""
     num_blocks, checkpoint = run.num_blocks, run.checkpoint
     if checkpoint is not None:
-        checkpoint.save(i, None if run.stream is not None else run.adapter.blocks[i],  # streamed: the shard is it
-                        pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
-                        ratios=run.ratios, layers=run.report.layers,
-                        block_seconds=run.report.block_seconds + [seconds], oom_backoff=run.oom_backoff,
-                        next_dense=pipe.dense_inputs if i + 1 < num_blocks else None)
+        with run.phases.phase("checkpoint"):
+            checkpoint.save(i, None if run.stream is not None else run.adapter.blocks[i],  # streamed: the shard
+                            pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
+                            ratios=run.ratios, layers=run.report.layers,
+                            block_seconds=run.report.block_seconds + [seconds], oom_backoff=run.oom_backoff,
+                            next_dense=pipe.dense_inputs if i + 1 < num_blocks else None)
     run.pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
     requested = stop.requested
     if run.dist is not None and checkpoint is not None:  # the ranks stop after the same block
@@ -474,7 +484,8 @@ def _prune_one(run: _Run, pipe: BlockPipeline, block: _Block, rel: str, hessian,
     stats = LayerStats(solved, run.ratios[name], solved_terms, true_hessian if shrink else None,
                        true_terms if shrink else None)
     with _named_solver_logs(name):
-        result = _prune_linear(name, block.index, block.todo[rel], stats, replace(run.work, options=layer_options))
+        result = _prune_linear(name, block.index, block.todo[rel], stats, replace(run.work, options=layer_options),
+                               run.phases)
     result.hessian_stats = pipe.hessian_stats.get(rel)
     result.update["hessian_shrink"] = shrink
     run.pm.hook.optima_layer_done(result=result)
@@ -530,6 +541,11 @@ def distributed_summary(dist, timings: dict, windows: int) -> dict:
     return {"world_size": dist.world_size, "backend": dist.backend, "ranks": dist.gather_object(mine)}
 
 
+def _solver_iterations(layers: list) -> int:
+    """The update solvers' iterations summed over the report's layers (PCG's, or the chosen solver's)."""
+    return sum(int(x.get("update", {}).get("iterations") or 0) for x in layers)
+
+
 def summarize(layers: list) -> dict:
     """Counts over the report's layers: solver non-convergence, rejected updates, damping escalated
     (by the update's solver or by the selector's own factorisation)."""
@@ -546,7 +562,8 @@ def summarize(layers: list) -> dict:
             "mean_solved_error_ratio": sum(solved) / len(solved) if solved else None}
 
 
-def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats, work: LinearWork) -> LayerResult:
+def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats, work: LinearWork,
+                  phases: Optional[Phases] = None) -> LayerResult:
     """Select, update, refine, keep the better of update and mask only, write the weights, compress.
 
     The headline ``objective``, ``mask_objective`` and ``error_ratio`` (and the keep-the-better check) are
@@ -558,23 +575,30 @@ def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats
     :func:`~optima_plugin.objective.dense_objective` ``‖W X_d − Ŵ X_p‖²/N`` of the update and of the mask-only
     dense weights on the true statistics, and under a shrink the solved ones are the solver's own objective,
     ``Σ_rows (ŵ − t)ᵀ H (ŵ − t)`` with the shrunk ``H``.
+
+    ``phases``: the run's timer (``selection``, ``update``, ``refinement``, ``objectives``, ``compression``).
     """
     t0 = time.perf_counter()
     dense, hessian, config = lin.weight.detach(), stats.hessian, work.config
     if _nothing_to_prune(stats, work):
-        return _compress_only(name, block_index, lin, stats, work, t0)
-    ratio, rows = _row_ratios(dense, stats, work)
-    named = {"name": name} if getattr(work.selector, "needs_name", False) else {}
-    selection = work.selector.select(_working(dense), hessian, ratio, work.pattern, **named)
-    upd, target = _update(dense, selection, stats, work)
+        with timed(phases, "compression"):
+            return _compress_only(name, block_index, lin, stats, work, t0)
+    with timed(phases, "selection"):
+        ratio, rows = _row_ratios(dense, stats, work)
+        named = {"name": name} if getattr(work.selector, "needs_name", False) else {}
+        selection = work.selector.select(_working(dense), hessian, ratio, work.pattern, **named)
+    with timed(phases, "update"):
+        upd, target = _update(dense, selection, stats, work)
     mask_only = dense.masked_fill(selection.pruned, 0)  # the selector's mask: mask_objective stays its figure
     refined, selected = None, selection
     if config is not None and config.refine_mask != "none" and hessian is not None:
-        selection, upd, refined = _refine(selection, upd, dense, hessian, work)
+        with timed(phases, "refinement"):
+            selection, upd, refined = _refine(selection, upd, dense, hessian, work)
     new = upd.weight.to(dense.dtype)
     check_finite(new, f"{name}: the weights of the {work.updater.name} update")
     accepted, ratio_true, ratio_solved = True, None, None
-    objective, mask_objective, solved, solved_mask = _objectives(dense, new, mask_only, target, upd, stats)
+    with timed(phases, "objectives"):
+        objective, mask_objective, solved, solved_mask = _objectives(dense, new, mask_only, target, upd, stats)
     if objective is not None:
         kept = keep_better(objective, mask_objective, baseline=mask_objective)  # on the true statistics
         if not kept.accepted:
@@ -587,8 +611,10 @@ def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats
     with torch.no_grad():
         lin.weight.copy_(new.masked_fill(selection.pruned, 0))
     sparsity = float((lin.weight == 0).float().mean())  # of the pruned weights (a merged adapter fills them)
-    figures = compression.apply(name, lin, original, selection.pruned, hessian, true_hessian=stats.true_hessian) \
-        if compression is not None else None
+    figures = None
+    if compression is not None:
+        with timed(phases, "compression"):
+            figures = compression.apply(name, lin, original, selection.pruned, hessian, true_hessian=stats.true_hessian)
     return LayerResult(
         name=name, block=block_index, shape=list(dense.shape),
         ratio=float(ratio) if not torch.is_tensor(ratio) else float(ratio.double().mean()),

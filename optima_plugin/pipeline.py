@@ -30,6 +30,7 @@ from .capture import batch_kwargs, capture_block_inputs, run_block
 from .hessian import HessianAccumulator, SinkTokens
 from .models import ModelAdapter
 from .objective import CrossAccumulator, DenseTerms, OutputEnergy, Phase
+from .timing import Phases, timed
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,32 @@ def check_finite(tensor: Tensor, what: str) -> None:
 
 
 @contextmanager
-def hooked(modules: dict, make: Callable[[], object], twins: Optional[dict] = None) -> Iterator[dict]:
+def hooked(modules: dict, make: Callable[[], object], twins: Optional[dict] = None,
+           phases: Optional[Phases] = None) -> Iterator[dict]:
     """One accumulator ``make()`` per module (its ``hook`` a forward hook), removed on exit: ``{key: acc}``.
 
     ``twins``: ``{key: another module}`` whose forward calls the same accumulator's hook too (the dense
-    copy of a block under ``--objective dense``)."""
+    copy of a block under ``--objective dense``). ``phases``: the hooks' time is its ``hessian`` phase."""
     accs, handles = {}, []
     try:
         for key, module in modules.items():
             accs[key] = make()
-            handles.append(module.register_forward_hook(accs[key].hook))
+            hook = accs[key].hook if phases is None else _timed_hook(accs[key].hook, phases)
+            handles.append(module.register_forward_hook(hook))
             if twins is not None:
-                handles.append(twins[key].register_forward_hook(accs[key].hook))
+                handles.append(twins[key].register_forward_hook(hook))
         yield accs
     finally:
         for h in handles:
             h.remove()
+
+
+def _timed_hook(hook: Callable, phases: Phases) -> Callable:
+    """``hook`` with its time counted as the ``hessian`` phase (statistics accumulation)."""
+    def timed_hook(module, inputs, output):
+        with phases.phase("hessian"):
+            return hook(module, inputs, output)
+    return timed_hook
 
 
 class Hooks:
@@ -154,13 +165,16 @@ class BlockPipeline:
         sink: how :meth:`hessians` treat attention-sink tokens (:class:`~optima_plugin.hessian.SinkTokens`);
             None: as always (no flagging, no figures). The figures of the last :meth:`hessians` call
             are in ``hessian_stats`` (``{rel: dict}``).
+        phases: a :class:`~optima_plugin.timing.Phases` its passes are timed in (``statistics`` forwards,
+            ``hessian`` accumulation in the hooks, ``allreduce``, ``propagation``); None: not timed.
     """
 
     def __init__(self, adapter: ModelAdapter, *, device: torch.device, batch_size: int = 1,
                  storage: Optional[torch.device] = None, offload: Optional[torch.device | str] = None,
                  oom_backoff: Optional[list] = None, stream=None, dist=None, track_dense: bool = False,
-                 sink: Optional[SinkTokens] = None) -> None:
+                 sink: Optional[SinkTokens] = None, phases: Optional[Phases] = None) -> None:
         self.adapter = adapter
+        self.phases = phases
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.storage = torch.device(storage) if storage is not None else self.device
@@ -241,11 +255,16 @@ class BlockPipeline:
         Under torchrun an accumulator with an ``all_reduce(dist, in_features)`` method is then all-reduced over
         the ranks (each rank passed its share of the windows).
         """
+        with timed(self.phases, "statistics"):
+            return self._statistics(index, block, modules, make, outputs)
+
+    def _statistics(self, index: int, block: nn.Module, modules: dict, make: Callable[[], object],
+                    outputs: bool) -> dict:
         batch = self.batch_size
         with torch.no_grad():
             while True:
                 try:
-                    with hooked(modules, make) as accs:
+                    with hooked(modules, make, phases=self.phases) as accs:
                         told = [acc.chunk for acc in accs.values() if hasattr(acc, "chunk")]
 
                         def before(start: int, count: int) -> None:
@@ -263,9 +282,10 @@ class BlockPipeline:
                     batch = halve(batch, f"the statistics pass of block {index}", self.device)
                     self.oom_backoff.append({"block": index, "pass": "hessian", "batch": batch})
         if self.dist is not None:
-            for key, acc in accs.items():
-                if hasattr(acc, "all_reduce"):
-                    acc.all_reduce(self.dist, modules[key].in_features)
+            with timed(self.phases, "allreduce"):
+                for key, acc in accs.items():
+                    if hasattr(acc, "all_reduce"):
+                        acc.all_reduce(self.dist, modules[key].in_features)
         return accs
 
     def hessians(self, index: int, block: nn.Module, todo: dict, groups, dtype: torch.dtype,
@@ -283,11 +303,12 @@ class BlockPipeline:
             return self._held_out_hessians(index, block, todo, owners, hooked_on, dtype, names or {}, holdout)
         accs = self.statistics(index, block, hooked_on, lambda: HessianAccumulator(dtype, self.sink))
         if self.dist is not None:  # H = Σ n_r H_r / Σ n_r: the same on every rank
-            for rel, acc in accs.items():
-                d = hooked_on[rel].in_features
-                acc.hessian, acc.tokens = self.dist.mean(acc.hessian, acc.tokens, (d, d), dtype)
-                if acc.sink_counts is not None:
-                    self.dist.sum_(acc.sink_counts)
+            with timed(self.phases, "allreduce"):
+                for rel, acc in accs.items():
+                    d = hooked_on[rel].in_features
+                    acc.hessian, acc.tokens = self.dist.mean(acc.hessian, acc.tokens, (d, d), dtype)
+                    if acc.sink_counts is not None:
+                        self.dist.sum_(acc.sink_counts)
         self.hessian_stats = {rel: accs[owners[rel]].sink_stats() for rel in todo} if self.sink is not None else {}
         for rel in todo:
             if accs[owners[rel]].hessian is None:
@@ -314,13 +335,33 @@ class BlockPipeline:
         owners = input_owners(todo, groups)
         hooked_on = {rel: todo[rel] for rel in sorted(set(owners.values()))}
         twins = {rel: dense_block.get_submodule(_path(block, lin)) for rel, lin in todo.items()}
+        with timed(self.phases, "statistics"):
+            pairs, energies = self._dense_pass(index, block, dense_block, hooked_on, twins, todo, dtype)
+        if self.dist is not None:
+            with timed(self.phases, "allreduce"):
+                for rel, acc in pairs.items():
+                    acc.all_reduce(self.dist, hooked_on[rel].in_features)
+                for rel, acc in energies.items():
+                    acc.all_reduce(self.dist, todo[rel].out_features)
+        out = {}
+        for rel in todo:
+            pair, name = pairs[owners[rel]], (names or {}).get(rel, rel)
+            check_finite(pair.hessian, f"{name}: its input Hessian")
+            check_finite(pair.cross, f"{name}: its dense/pruned input cross term")
+            check_finite(energies[rel].energy, f"{name}: its dense output energy")
+            out[rel] = DenseTerms(pair.hessian, pair.cross, energies[rel].energy, pair.tokens)
+        return out
+
+    def _dense_pass(self, index, block, dense_block, hooked_on, twins, todo, dtype) -> tuple[dict, dict]:
+        """The forwards of :meth:`dense_statistics`: ``(pairs, energies)`` accumulators."""
         batch = self.batch_size
         with torch.no_grad():
             while True:
                 phase = Phase()
                 try:
-                    with hooked(hooked_on, lambda: CrossAccumulator(dtype, phase), twins) as pairs, \
-                            hooked({rel: twins[rel] for rel in todo}, lambda: OutputEnergy(dtype, phase)) as energies:
+                    with hooked(hooked_on, lambda: CrossAccumulator(dtype, phase), twins, self.phases) as pairs, \
+                            hooked({rel: twins[rel] for rel in todo}, lambda: OutputEnergy(dtype, phase),
+                                   phases=self.phases) as energies:
                         for start in range(0, self.inputs.shape[0], batch):
                             phase.dense = True
                             self._run(dense_block, index, self.dense_inputs[start : start + batch])
@@ -331,19 +372,7 @@ class BlockPipeline:
                     pairs = energies = None
                     batch = halve(batch, f"the dense-objective statistics pass of block {index}", self.device)
                     self.oom_backoff.append({"block": index, "pass": "dense_statistics", "batch": batch})
-        if self.dist is not None:
-            for rel, acc in pairs.items():
-                acc.all_reduce(self.dist, hooked_on[rel].in_features)
-            for rel, acc in energies.items():
-                acc.all_reduce(self.dist, todo[rel].out_features)
-        out = {}
-        for rel in todo:
-            pair, name = pairs[owners[rel]], (names or {}).get(rel, rel)
-            check_finite(pair.hessian, f"{name}: its input Hessian")
-            check_finite(pair.cross, f"{name}: its dense/pruned input cross term")
-            check_finite(energies[rel].energy, f"{name}: its dense output energy")
-            out[rel] = DenseTerms(pair.hessian, pair.cross, energies[rel].energy, pair.tokens)
-        return out
+        return pairs, energies
 
     def _held_out_hessians(self, index, block, todo, owners, hooked_on, dtype, names, every) -> dict:
         """:meth:`hessians` split into fit and held-out windows (each half all-reduced under torchrun)."""
@@ -352,9 +381,10 @@ class BlockPipeline:
         accs = self.statistics(index, block, hooked_on, lambda: HeldOutAccumulator(dtype, every, self.first_window,
                                                                                         self.sink))
         held = {}
-        for rel, acc in accs.items():
-            d = hooked_on[rel].in_features
-            held[rel] = acc.result((d, d), self.dist)
+        with timed(self.phases, "hessian"):  # the fit and held-out Hessians (all-reduced under torchrun)
+            for rel, acc in accs.items():
+                d = hooked_on[rel].in_features
+                held[rel] = acc.result((d, d), self.dist)
         for rel in todo:
             h = held[owners[rel]]
             check_finite(h.fit, f"{names.get(rel, rel)}: its input Hessian (fit windows)")
@@ -364,6 +394,10 @@ class BlockPipeline:
     def propagate(self, index: int, block: nn.Module, *, dense: bool = False) -> None:
         """Replace the inputs in place by block ``index``'s outputs (halving the batch on out-of-memory);
         ``dense``: the dense model's inputs (``--objective dense``; ``block`` is then the dense copy)."""
+        with timed(self.phases, "propagation"):
+            self._propagate(index, block, dense)
+
+    def _propagate(self, index: int, block: nn.Module, dense: bool) -> None:
         inputs, kwargs = (self.dense_inputs if dense else self.inputs), self.kwargs[index]
         start, batch = 0, self.batch_size
         with torch.no_grad():

@@ -82,7 +82,7 @@ def _check_core(config: PruneConfig) -> PruneConfig:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
     if config.nsamples % config.batch_size:
         raise ValueError(f"--nsamples {config.nsamples} must be a multiple of --batch_size {config.batch_size}")
-    lists = {}
+    lists = {name: [] for name in ("eval_ppl", "eval_zero_shot") if getattr(config, name) is None}  # None: none
     if isinstance(config.eval_ppl, str):
         lists["eval_ppl"] = [s for s in config.eval_ppl.split(",") if s]
     if isinstance(config.eval_zero_shot, str):

@@ -79,3 +79,9 @@ def test_host_options_go_through_resolve(counting):
         HostOptions(damp="auto").validate()
     with pytest.raises(ValueError, match="--max_iter must be a positive integer"):  # optima-prune's rule
         HostOptions(max_iter=0).validate()
+
+
+def test_no_evaluation_may_be_given_as_none():
+    """``eval_ppl=None`` / ``eval_zero_shot=None`` (the Python API's natural "none") mean no evaluation."""
+    out = resolve(eval_ppl=None, eval_zero_shot=None)
+    assert out.eval_ppl == [] and out.eval_zero_shot == []

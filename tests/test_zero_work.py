@@ -80,10 +80,10 @@ def test_each_input_group_accumulates_one_hessian_shared_by_its_linears(options,
     given = {}  # (block, rel) -> the H object the linear was pruned with
     hooked, prune_one = pipeline.hooked, engine._prune_one
 
-    def counting_hooked(modules, make, twins=None):
+    def counting_hooked(modules, make, *args, **kwargs):
         if type(make()).__name__ != "OutputEnergy":  # --objective dense: each linear's output energy is its own
             accumulated.extend(modules)
-        return hooked(modules, make, twins)
+        return hooked(modules, make, *args, **kwargs)
 
     def recording_prune_one(run_, pipe, block, rel, hessian, true_terms):
         given[block.index, rel] = hessian
