@@ -59,6 +59,7 @@ class HostOptions:
         calibration, nsamples, seqlen, seed, device: the seam's own statistics pass (magnitude paths);
             calibration defaults to ``host_data`` if given, else ``c4``.
         report: JSON file for the per-layer results.
+        reconstruct: ``--reconstruct`` of ``optima-prune``; only ``none`` here (see :meth:`validate`).
         plugin_options: ``{name: value}`` of the options third-party plugins declare
             (``optima_addoption``; the built-in allocators' are the host's own flags); read with
             :meth:`option` (during a run: ``active_options().option(name)``).
@@ -82,6 +83,7 @@ class HostOptions:
     seed: int = 0
     device: str = "auto"
     report: Optional[str] = None
+    reconstruct: str = "none"
     plugin_options: dict = field(default_factory=dict)
 
     def option(self, name: str) -> Any:
@@ -104,6 +106,10 @@ class HostOptions:
         through :func:`optima_plugin.validate.resolve`, the one entry every run's options pass, so they follow
         the same rules and every plugin's ``optima_validate`` sees them; the host's own flags are checked here.
         """
+        if self.reconstruct != "none":
+            raise ValueError(f"--reconstruct {self.reconstruct} is not available in optima-host: the host's loop "
+                             "hands the plugin one linear at a time and never the dense model's block outputs it "
+                             "matches; run optima-prune --reconstruct instead")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool):
             raise ValueError(f"--damp must be a number for optima-host (auto needs optima-prune's held-out "
                              f"calibration windows), got {self.damp!r}")

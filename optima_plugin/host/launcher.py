@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--optima_seed", type=int, default=d.seed, help="seed of that pass's windows (%(default)s)")
     a("--optima_device", default=d.device, help="where that pass runs: auto, cuda, cpu (%(default)s)")
     a("--optima_report", metavar="FILE", help="write the per-layer results (JSON) to FILE")
+    a("--reconstruct", default=d.reconstruct, help="optima-prune's local reconstruction: not available here "
+      "(the host's loop gives no dense block outputs); only none")
     a("--optima_quiet", action="store_true", help="no info logs from the plugin")
     add_disable_flag(p)
     collect_options(builtin=False).add_to_argparse(p)
@@ -89,7 +91,7 @@ def host_options(ns: argparse.Namespace) -> HostOptions:
         double_precision=ns.double_precision, mask_selector=ns.mask_selector, host_data=ns.host_data,
         host_seqlen=ns.host_seqlen, host_dtype=ns.host_dtype, no_shim=tuple(ns.no_shim),
         calibration=ns.optima_calibration, nsamples=ns.optima_nsamples, seqlen=ns.optima_seqlen,
-        seed=ns.optima_seed, device=ns.optima_device, report=ns.optima_report,
+        seed=ns.optima_seed, device=ns.optima_device, report=ns.optima_report, reconstruct=ns.reconstruct,
         plugin_options=collect_options(builtin=False).values(ns),
     ).validate()
 
