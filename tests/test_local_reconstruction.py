@@ -25,6 +25,8 @@ from optima_plugin.validate import resolve
 # linear, more than the tiny model's widest input (128)
 FAST = dict(nsamples=8, seqlen=64, calibration_dataset="pydoc", device="cpu", progress=False, seed=0)
 MODES = ("layer", "submodule", "block")
+#: the tests' steps: fewer than the default 100 to stay fast (the units that improve do within 10-40 steps)
+RECON = dict(reconstruct_lr=1e-4, reconstruct_steps=40)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_masks_are_exactly_unchanged_and_only_kept_weights_move(mode, pattern, t
     spy = Spy(monkeypatch)
     model = tiny_model("llama")
     report = prune(model, tokenizer, prune_method="wanda", sparsity_ratio=0.5, sparsity_type=pattern,
-                   reconstruct=mode, reconstruct_lr=1e-4, **FAST)
+                   reconstruct=mode, **RECON, **FAST)
     assert [e["block"] for e in report["reconstruction"]] == [0, 1, 2]
     assert all(e["mode"] == mode and e["seconds"] > 0 for e in report["reconstruction"])
     moved = 0
@@ -86,7 +88,7 @@ def test_biases_and_unpruned_linears_stay_frozen(tokenizer, monkeypatch):
     spy = Spy(monkeypatch)
     model = tiny_model("qwen2")  # q/k/v biases; --skip_attention leaves the attention linears dense
     report = prune(model, tokenizer, prune_method="wanda", sparsity_ratio=0.5, skip_attention=True,
-                   reconstruct="block", reconstruct_lr=1e-4, **FAST)
+                   reconstruct="block", **RECON, **FAST)
     assert report["reconstruction"][0]["units"][0]["best_step"] > 0
     for call in spy.calls:
         assert call["trainable"] == {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
@@ -140,7 +142,7 @@ def test_reported_losses_match_a_float64_oracle(tokenizer, monkeypatch):
     base = tiny_model("llama")
     pruned = copy.deepcopy(base)
     report = prune(pruned, tokenizer, prune_method="wanda", sparsity_ratio=0.5, weight_update="none",
-                   reconstruct="block", reconstruct_lr=1e-4, **FAST)
+                   reconstruct="block", **RECON, **FAST)
     unit = report["reconstruction"][0]["units"][0]
     assert unit["best_step"] > 0
     tokens = get_calibration("pydoc", tokenizer, FAST["nsamples"], FAST["seqlen"], FAST["seed"])
@@ -165,7 +167,7 @@ def test_the_fit_loss_drops_where_it_must(tokenizer, monkeypatch):
     correlated): small steps along the negative gradient must lower it, and with 384 fit tokens for 64 inputs
     the held-out windows follow."""
     report = prune(tiny_model("llama"), tokenizer, prune_method="wanda", sparsity_ratio=0.5, weight_update="none",
-                   reconstruct="layer", reconstruct_lr=1e-4, **FAST)
+                   reconstruct="layer", **RECON, **FAST)
     q = report["reconstruction"][0]["units"][0]
     assert q["unit"] == "self_attn.q_proj"
     assert q["best_step"] > 0
@@ -183,7 +185,7 @@ def test_reconstruction_improves_the_block_outputs_over_the_per_layer_stage(toke
     errors = {}
     for mode in ("none", "block"):
         model = copy.deepcopy(base)
-        prune(model, tokenizer, prune_method="wanda", sparsity_ratio=0.5, reconstruct=mode, reconstruct_lr=1e-4,
+        prune(model, tokenizer, prune_method="wanda", sparsity_ratio=0.5, reconstruct=mode, **RECON,
               **FAST)
         errors[mode] = float((_block_outputs(model.double(), tokens, 0)[held] - target).pow(2).sum())
     assert errors["block"] < errors["none"]
@@ -194,7 +196,7 @@ def test_a_rerun_is_identical(tokenizer):
     for _ in range(2):
         model = tiny_model("llama")
         report = prune(model, tokenizer, prune_method="wanda", sparsity_ratio=0.5, reconstruct="submodule",
-                       reconstruct_lr=1e-4, **FAST)
+                       **RECON, **FAST)
         runs.append((model.state_dict(), _units(report)))
     (a, ua), (b, ub) = runs
     assert ua == ub and all(torch.equal(a[k], b[k]) for k in a)
@@ -203,7 +205,7 @@ def test_a_rerun_is_identical(tokenizer):
 def test_resume_after_an_interrupt_mid_reconstruction_gives_the_uninterrupted_result(tmp_path, tokenizer,
                                                                                   monkeypatch):
     base = tiny_model("llama")
-    options = dict(FAST, prune_method="wanda", sparsity_type="2:4", reconstruct="submodule", reconstruct_lr=1e-4)
+    options = dict(FAST, prune_method="wanda", sparsity_type="2:4", reconstruct="submodule", **RECON)
     reference = copy.deepcopy(base)
     expected = prune(reference, tokenizer, **options)
     ckpt = tmp_path / "ckpt"
@@ -233,7 +235,7 @@ def test_a_streamed_run_equals_the_in_memory_one(tmp_path, tokenizer):
     source = tmp_path / "src"
     tiny_model("llama").save_pretrained(source, max_shard_size="100KB")
     tokenizer.save_pretrained(source)
-    options = dict(FAST, prune_method="wanda", sparsity_ratio=0.5, reconstruct="submodule", reconstruct_lr=1e-4)
+    options = dict(FAST, prune_method="wanda", sparsity_ratio=0.5, reconstruct="submodule", **RECON)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     mem = prune(model, tokenizer, save_model=str(tmp_path / "mem"), **options)
     stream, _ = open_streamed(str(source))
@@ -263,7 +265,7 @@ def test_two_ranks_match_one_process(tmp_path, tokenizer):
 
     # 5 windows: rank 0 holds 0-1 (0 held out), rank 1 holds 2-4 (4 held out); every batch mixes both ranks'
     options = dict(FAST, nsamples=5, prune_method="wanda", sparsity_ratio=0.5, reconstruct="submodule",
-                   reconstruct_lr=1e-4, double_precision=True)
+                   double_precision=True, **RECON)
     script = tmp_path / "ranks.py"
     script.write_text(RUN_RANKS)
     proc = torchrun(script, [json.dumps(options), str(tmp_path / "two.pt")])
@@ -322,7 +324,7 @@ def test_bfloat16_model_is_reconstructed_in_float32_and_written_back(tokenizer, 
     spy = Spy(monkeypatch)
     model = tiny_model("llama", dtype=torch.bfloat16)
     report = prune(model, tokenizer, prune_method="wanda", sparsity_type="2:4", reconstruct="submodule",
-                   reconstruct_lr=1e-4, **FAST)
+                   **RECON, **FAST)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     for call in spy.calls:
         for key in call["trainable"]:
