@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -225,15 +225,13 @@ class _Fit:
     # -- the optimisation -----------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        unit, settings = self.unit, self.settings
-        dtype = self.linears[0].weight.dtype
-        cast = dtype not in (torch.float32, torch.float64)
-        flags = [(p, p.requires_grad) for p in unit.parameters()]
-        if cast:
-            unit.to(torch.float32)
+        """Optimise, end with the best weights (in the model's dtype); the unit's report row."""
+        params = [(p, p.dtype, p.requires_grad) for p in self.unit.parameters()]
         try:
-            for p, _ in flags:
+            for p, dtype, _ in params:
                 p.requires_grad_(False)
+                if dtype != self.dtype and p.is_floating_point():
+                    p.data = p.data.to(self.dtype)
             weights = [lin.weight for lin in self.linears]
             masks = [w.detach() == 0 for w in weights]
             for w in weights:
@@ -241,11 +239,10 @@ class _Fit:
             with torch.enable_grad():
                 return self._optimise(weights, masks)
         finally:
-            for p, flag in flags:
+            for p, dtype, flag in params:
                 p.grad = None
+                p.data = p.data.to(dtype)
                 p.requires_grad_(flag)
-            if cast:
-                unit.to(dtype)
 
     def _optimise(self, weights: list, masks: list) -> dict:
         settings = self.settings
