@@ -136,8 +136,8 @@ def _block_outputs(model, tokens: torch.Tensor, block: int) -> torch.Tensor:
 
 def test_reported_losses_match_a_float64_oracle(tokenizer, monkeypatch):
     """Block 0, ``--reconstruct block``: both paths start from the embeddings, so the loss is
-    Σ‖block_p(x) − block_d(x)‖² / Σ‖block_d(x)‖² over the fit (or held-out) windows, computed here in float64
-    with the model's own forward (before: the block's weights as the per-layer stage left them)."""
+    Σ‖block_p(x) − block_d(x)‖² / Σ‖block_d(x)‖² over the fit (or held-out) windows, computed here in
+    float64 with the model's own forward (before: the block's weights as the per-layer stage left them)."""
     spy = Spy(monkeypatch)
     base = tiny_model("llama")
     pruned = copy.deepcopy(base)
@@ -353,3 +353,14 @@ def test_cli_flags_reach_the_config():
 def test_default_run_has_no_reconstruction_entry(tokenizer):
     report = prune(tiny_model("llama"), tokenizer, **FAST)
     assert "reconstruction" not in report and report["options"]["reconstruct"] == "none"
+
+
+def test_with_the_dense_objective_one_dense_copy_serves_both(tokenizer, monkeypatch):
+    spy = Spy(monkeypatch)
+    report = prune(tiny_model("llama"), tokenizer, prune_method="wanda", sparsity_ratio=0.5, objective="dense",
+                   reconstruct="block", **RECON, **FAST)
+    assert all(x["update"]["objective_kind"] == "dense" for x in report["layers"])
+    assert [e["block"] for e in report["reconstruction"]] == [0, 1, 2]
+    for call in spy.calls:
+        for key in call["trainable"]:
+            assert torch.equal(call["before"][key] == 0, call["after"][key] == 0), key
