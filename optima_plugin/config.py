@@ -57,7 +57,7 @@ class PruneConfig:
         "(attention and MLP separately) or block; early stopping on held-out calibration windows "
         "(see docs/local_reconstruction.md)")
     reconstruct_steps: int = _flag(100, help="--reconstruct: Adam steps per unit at most (%(default)s)")
-    reconstruct_lr: float = _flag(1e-4, help="--reconstruct: Adam learning rate (%(default)s)")
+    reconstruct_lr: float = _flag(1e-3, help="--reconstruct: Adam learning rate (%(default)s)")
     reconstruct_schedule: str = _flag("cosine", help="--reconstruct: learning-rate schedule, cosine or constant")
     reconstruct_batch: int = _flag(4, help="--reconstruct: calibration windows per step (%(default)s)")
     save_layer_ratio: Optional[str] = _flag(None, help="write the layer ratios to FILE (.json or .npy)", metavar="FILE")
