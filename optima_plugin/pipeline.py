@@ -13,7 +13,8 @@ Users: the engine (:func:`~optima_plugin.engine.prune_model`), the OWL statistic
 (:mod:`optima_plugin.allocators.statistics`), the host seam's own pass
 (:meth:`optima_plugin.host.seam.HostSeam._own_pass`) and the block-by-block perplexity of a
 streamed model (:func:`~optima_plugin.evaluation.perplexity.perplexity_streamed`). Forward
-hooks are registered and removed here only (:func:`hooked`, :func:`registered`); out of memory halves the windows per forward
+hooks are registered and removed here only (:func:`hooked`, :func:`registered`,
+:meth:`BlockPipeline.unit_io` for ``--reconstruct``); out of memory halves the windows per forward
 (down to one) and is recorded in ``oom_backoff``. The pipeline knows no plugin.
 """
 
