@@ -375,7 +375,9 @@ def open_streamed(model: str, gguf_file: Optional[str] = None, dtype: torch.dtyp
     """Open ``model`` (local folder, GGUF file in it, or hub id) for streaming: ``(StreamedModel, tokenizer)``.
 
     Every tensor the model needs is checked to be in the files (tied ones excepted)
-    before anything heavy is read; the modules outside the blocks are loaded on CPU.
+    before anything heavy is read; the modules outside the blocks are loaded on CPU. The
+    process's allocations of 1 MiB or more get their own mappings from then on
+    (:func:`~optima_plugin.memory.fix_mmap_threshold`), so its peak does not grow with depth.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
