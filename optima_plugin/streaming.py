@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .files import atomic_path, write_json
 from .loading import check_checkpoint_keys, disable_use_cache, restore_use_cache, tied_keys
-from .memory import release_freed_memory
+from .memory import fix_mmap_threshold, release_freed_memory
 from .models import ModelAdapter, get_adapter
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,16 @@ def safetensors_files(directory: str | os.PathLike) -> dict[str, Path]:
         with safe_open(str(path), framework="pt") as f:
             out.update({name: path for name in f.keys()})
     return out
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """``(offset of the data, {name: {"dtype", "shape", "data_offsets"}})`` of a safetensors file, read with
+    plain file reads (no memory map: nothing of the file stays resident in the process)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
 
 
 def checkpoint_bytes(directory: str | os.PathLike, dtype: torch.dtype) -> int:
@@ -365,13 +375,16 @@ def open_streamed(model: str, gguf_file: Optional[str] = None, dtype: torch.dtyp
     """Open ``model`` (local folder, GGUF file in it, or hub id) for streaming: ``(StreamedModel, tokenizer)``.
 
     Every tensor the model needs is checked to be in the files (tied ones excepted)
-    before anything heavy is read; the modules outside the blocks are loaded on CPU.
+    before anything heavy is read; the modules outside the blocks are loaded on CPU. The
+    process's allocations of 1 MiB or more get their own mappings from then on
+    (:func:`~optima_plugin.memory.fix_mmap_threshold`), so its peak does not grow with depth.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_directory(model, gguf_file, dtype)
     files = safetensors_files(directory)
+    fix_mmap_threshold()  # each block then peaks the same: the run's peak does not grow with depth
     config = AutoConfig.from_pretrained(directory)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
