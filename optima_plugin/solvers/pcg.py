@@ -69,9 +69,11 @@ def dual_pcg(
         tol: relative objective gap at which a row stops.
         max_iter: iteration cap.
         start: optional ``r x d`` warm weights (pruned entries 0): each row starts from the multiplier
-            :func:`warm_multiplier` implies when its dual value ``D`` beats ``z = 0``'s (0), and rows whose
-            start already meets the certificate stop before any iteration. The stopping test is the same, so
-            a warm and a cold solve are both within ``tol`` of the same optimum.
+            :func:`warm_multiplier` implies, scaled by the ``γ`` that maximises ``D(γ z)`` (``γ = wᵀz / zᵀGz``,
+            so ``D = (wᵀz)² / zᵀGz >= 0 = D(0)``: never a worse start than the cold one; a row with
+            ``wᵀz = 0`` starts cold), and rows whose start already meets the certificate stop before any
+            iteration. The stopping test is the same, so a warm and a cold solve are both within ``tol`` of
+            the same optimum.
     Returns:
         ``(correction, iterations, converged)``: ``correction = z G`` (``r x d``,
         so ``ŵ = w - correction`` off ``P``), accumulated along the iterations
@@ -89,8 +91,11 @@ def dual_pcg(
     if start is not None and rows.numel():
         z = warm_multiplier(damped, pruned[rows], weight[rows], start[rows])
         zg = z @ inverse
+        wz, zgz = _rowdot(z, res), _rowdot(z, zg)
+        gamma = (wz / zgz.clamp_min(torch.finfo(z.dtype).tiny)).unsqueeze(1)  # the best multiple of z
+        z, zg = z * gamma, zg * gamma
         warm_dual = _rowdot(z, 2.0 * res - zg)  # D(z) = 2 wᵀz - zᵀGz
-        better = warm_dual > 0  # D(0) = 0: a worse start is dropped, row by row
+        better = warm_dual > 0  # D(0) = 0: a row whose start does not beat it starts cold
         if bool(better.any()):
             u = torch.where(better.unsqueeze(1), zg, u)
             res = torch.where(better.unsqueeze(1), res - zg * m, res)
