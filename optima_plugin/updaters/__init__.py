@@ -83,7 +83,7 @@ class NativeUpdate:
 def warm_start(selection: Selection) -> Optional[Warm]:
     """The solver's warm start from ``selection``: its own updated weights and its ``Hd⁻¹`` (either may be
     None; a mask-only selection's start is the mask-only weights, which is where the solver starts anyway)."""
-    factor = selection.factor
+    factor = getattr(selection, "factor", None)
     if selection.weight is None and factor is None:
         return None
     if factor is None:
