@@ -9,6 +9,7 @@ and ``save``. On CUDA the clock is the host's: an asynchronous kernel counts in 
 
     OMP_NUM_THREADS=1 python benchmarks/profile_phases.py --nsamples 8 --seqlen 256      # CPU, about a minute
     python benchmarks/profile_phases.py --device cuda --nsamples 128 --seqlen 2048 --eval_ppl pydoc
+    python benchmarks/profile_phases.py --nsamples 16 --prune_method sparsegpt --weight_update native  # its own update
 """
 
 from __future__ import annotations
