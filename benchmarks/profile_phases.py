@@ -9,6 +9,7 @@ and ``save``. On CUDA the clock is the host's: an asynchronous kernel counts in 
 
     OMP_NUM_THREADS=1 python benchmarks/profile_phases.py --nsamples 8 --seqlen 256      # CPU, about a minute
     python benchmarks/profile_phases.py --device cuda --nsamples 128 --seqlen 2048 --eval_ppl pydoc
+    python benchmarks/profile_phases.py --nsamples 16 --prune_method sparsegpt --weight_update native  # its own update
 """
 
 from __future__ import annotations
@@ -26,17 +27,21 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--sparsity_type", default="unstructured")
     ap.add_argument("--sparsity_ratio", type=float, default=0.5)
+    ap.add_argument("--prune_method", default="wanda")
+    ap.add_argument("--weight_update", default="optima", help="none, native (the selector's own) or optima")
     ap.add_argument("--eval_ppl", default=None, help="also time the perplexity evaluation (e.g. pydoc)")
     args = ap.parse_args(argv)
     directory, gguf = default_model()
     model, tok = load_model(directory, gguf_file=gguf)
     evaluation = dict(eval_ppl=args.eval_ppl, eval_max_windows=8) if args.eval_ppl else {}
     report = prune(model, tok, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device,
-                   sparsity_type=args.sparsity_type, sparsity_ratio=args.sparsity_ratio, progress=False, **evaluation)
+                   sparsity_type=args.sparsity_type, sparsity_ratio=args.sparsity_ratio, prune_method=args.prune_method,
+                   weight_update=args.weight_update, progress=False, **evaluation)
     t = report["timings"]
     phases, prune_s = t["phases"], t["prune_seconds"]
     total = sum(phases.values())
-    print(f"SmolLM2-135M on {report['device']}, {args.nsamples} x {args.seqlen} tokens: prune {prune_s:.1f} s, "
+    print(f"SmolLM2-135M {args.prune_method}+{args.weight_update} {args.sparsity_type} {args.sparsity_ratio:g} on "
+          f"{report['device']}, {args.nsamples} x {args.seqlen} tokens: prune {prune_s:.1f} s, "
           f"phases {total:.1f} s, solver iterations {t['solver_iterations']}")
     print(f"{'phase':12} {'seconds':>9} {'% phases':>9} {'% prune':>8}")
     for name, s in sorted(phases.items(), key=lambda kv: -kv[1]):

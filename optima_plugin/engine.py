@@ -605,6 +605,8 @@ def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats
         selection = work.selector.select(_working(dense), hessian, ratio, work.pattern, **named)
     with timed(phases, "update"):
         upd, target = _update(dense, selection, stats, work)
+    if getattr(selection, "factor", None) is not None:  # the selector's Hd⁻¹ served the update: free it
+        selection.factor = None
     mask_only = dense.masked_fill(selection.pruned, 0)  # the selector's mask: mask_objective stays its figure
     refined, selected = None, selection
     if config is not None and config.refine_mask != "none" and hessian is not None:

@@ -9,6 +9,7 @@ from typing import Optional, Protocol, Union
 import torch
 from torch import Tensor
 
+from ..solvers.problem import Warm
 from ..sparsity import Pattern
 
 #: One ratio for the whole layer, or an ``(r,)`` tensor of per-row ratios (TRIM).
@@ -26,11 +27,15 @@ class Selection:
             mask-only selectors (magnitude, Wanda).
         stats: JSON-ready figures for the report, e.g. ``damp`` (the relative damping
             the selector finally used) and ``damp_escalated`` for SparseGPT and Thanos.
+        factor: the ``Hd⁻¹`` the selector computed, with the Hessian and damp it came from
+            (SparseGPT, Thanos), so that the ``optima`` update need not factorise ``Hd`` again;
+            None otherwise.
     """
 
     pruned: Tensor
     weight: Optional[Tensor] = None
     stats: dict = field(default_factory=dict)
+    factor: Optional[Warm] = field(default=None, repr=False)
 
 
 class MaskSelector(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers.problem import damp_hessian, escalate_damp, obs_factor
+from ..solvers.problem import Warm, cholesky_checked, escalate_damp, inverse_spd, solver_damped
 from ..solvers.sparsegpt import obs_sweep
 from ..sparsity import Pattern, block_quota, count_mask, row_counts
 from .base import Ratio, Selection, check_ratio
@@ -24,11 +24,22 @@ BLOCKSIZE = 128
 DAMP = 0.01
 
 
+def _factors(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(G, U, damp used)``: ``G = Hd⁻¹`` (``Hd`` as the solvers damp it, :func:`solver_damped`) and its
+    upper Cholesky factor ``U`` (``G = Uᵀ U``, SparseGPT's ``Hinv``) for ``hessian`` (float32 ``d x d``), with
+    damping escalated while Cholesky fails."""
+    def attempt(dmp: float, _last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inverse = inverse_spd(solver_damped(hessian, dmp))
+        return inverse, cholesky_checked(inverse, "inverse of the damped Hessian", upper=True)
+
+    (inverse, upper), used = escalate_damp(attempt, damp, what="sparsegpt selector")
+    return inverse, upper, used
+
+
 def _hinv(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """``(d x d upper Cholesky factor of (H + λI)⁻¹, the relative damp used)`` for ``hessian``
-    (float32 ``d x d``), with damping escalated while Cholesky fails."""
-    return escalate_damp(lambda dmp, _last: obs_factor(damp_hessian(hessian, dmp)), damp,
-                         what="sparsegpt selector")
+    """``(U, damp used)`` of :func:`_factors`: SparseGPT's ``Hinv``."""
+    _, upper, used = _factors(hessian, damp)
+    return upper, used
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, pattern: Pattern,
@@ -38,7 +49,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
     h = hessian.to(device=w.device, dtype=torch.float32)
     dead = h.diagonal() == 0
     w[:, dead] = 0
-    hinv, used = _hinv(h, damp)
+    inverse, hinv, used = _factors(h, damp)
     r, d = w.shape
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
     per_row = row_counts(ratio, r, d, w.device) if torch.is_tensor(ratio) and not pattern.structured else None
@@ -63,7 +74,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, p
             m1[:, i : i + pattern.m].scatter_(1, idx, True)
 
     obs_sweep(w, pruned, hinv, blocksize, select=select)
-    return Selection(pruned, w.masked_fill_(pruned, 0.0), {"damp": used, "damp_escalated": used != damp})
+    return Selection(pruned, w.masked_fill_(pruned, 0.0), {"damp": used, "damp_escalated": used != damp},
+                     factor=Warm(inverse=inverse, hessian=hessian, damp=used))
 
 
 class SparseGPTSelector:
@@ -76,7 +88,7 @@ class SparseGPTSelector:
         w = weight.detach().float().clone()
         h = hessian.to(device=w.device, dtype=torch.float32)
         w[:, h.diagonal() == 0] = 0
-        u, _ = _hinv(h, DAMP)
+        _, u, _ = _factors(h, DAMP)
         return w**2 / u.diagonal().unsqueeze(0) ** 2
 
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:

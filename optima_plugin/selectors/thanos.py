@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..solvers.problem import cholesky_checked, damp_hessian, escalate_damp, inverse_spd
+from ..solvers.problem import Warm, cholesky_checked, damp_hessian, escalate_damp, inverse_spd, solver_damped
 from ..sparsity import Pattern, block_quota, count_mask, nm_mask, row_counts
 from .base import Ratio, Selection, check_ratio
 
@@ -61,9 +61,11 @@ def thanos_prune(weight, hessian, ratio: Ratio, pattern: Pattern, blocksize: int
     """
     h = hessian.to(device=weight.device, dtype=torch.float32)
     selection, used = escalate_damp(
-        lambda dmp, _last: _thanos_blocks(weight, damp_hessian(h, dmp), ratio, pattern, blocksize),
+        lambda dmp, _last: _thanos_blocks(weight, solver_damped(h, dmp), ratio, pattern, blocksize),
         damp, what="thanos selector")
     selection.stats.update(damp=used, damp_escalated=used != damp)
+    if selection.factor is not None:  # its first block's inverse is the whole Hd⁻¹
+        selection.factor = Warm(inverse=selection.factor.inverse, hessian=hessian, damp=used)
     return selection
 
 
@@ -75,6 +77,7 @@ def _thanos_blocks(weight, hd: torch.Tensor, ratio: Ratio, pattern: Pattern, blo
     pruned = torch.zeros(r, d, dtype=torch.bool, device=w.device)
     target = None if pattern.structured else row_counts(ratio, r, d, w.device)
     done = torch.zeros(r, dtype=torch.long, device=w.device)
+    full = None  # the first block's inverse: Hd⁻¹ of the whole layer
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
         score = w[:, i1:i2].abs() * norms[i1:i2]
@@ -85,10 +88,11 @@ def _thanos_blocks(weight, hd: torch.Tensor, ratio: Ratio, pattern: Pattern, blo
             m1 = count_mask(score, block_quota(target, done, i1, i2, d))
             done += m1.sum(1)
         hinv = inverse_spd(hd[i1:, i1:])
+        full = hinv if i1 == 0 else full
         w[:, i1:] = _obs_remove(w[:, i1:], hinv, m1)
         pruned[:, i1:i2] = m1
         w[:, i1:i2].masked_fill_(m1, 0.0)
-    return Selection(pruned, w.masked_fill_(pruned, 0.0))
+    return Selection(pruned, w.masked_fill_(pruned, 0.0), factor=None if full is None else Warm(inverse=full))
 
 
 class ThanosSelector:

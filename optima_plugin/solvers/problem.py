@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ class Problem:
         damped: ``d x d`` damped Hessian the solvers minimise with.
         damp: the relative damp ``damped`` was built with.
         cache: factorisations of ``damped``, shared by every row subset of the problem.
+        start: optional ``r x d`` weights (pruned entries 0) a solver may start from (a warm start, e.g. a
+            selector's own update); the solution it must reach is the same.
     """
 
     weight: Tensor
@@ -56,6 +58,7 @@ class Problem:
     damped: Tensor
     damp: float = 0.0
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    start: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def keep(self) -> Tensor:
@@ -85,7 +88,8 @@ class Problem:
 
     def rows(self, index: slice) -> "Problem":
         """The sub-problem of rows ``index``, sharing ``H``, ``Hd`` and their cached factors."""
-        return replace(self, weight=self.weight[index], pruned=self.pruned[index])
+        start = None if self.start is None else self.start[index]
+        return replace(self, weight=self.weight[index], pruned=self.pruned[index], start=start)
 
 
 def validate(weight: Tensor, pruned: Tensor, hessian: Tensor) -> None:
@@ -172,17 +176,52 @@ def escalate_damp(attempt: Callable[[float, bool], T], damp: float, *, what: str
     raise AssertionError("unreachable")
 
 
+def solver_damped(hessian: Tensor, damp: float) -> Tensor:
+    """The damped Hessian the solvers minimise with: ``H`` symmetrised (accumulation leaves rounding-level
+    asymmetry; an exactly symmetric ``H`` is unchanged), then :func:`damp_hessian`."""
+    return damp_hessian(0.5 * (hessian + hessian.T), damp)
+
+
+@dataclass(frozen=True)
+class Warm:
+    """What a solve may start from (:func:`reconstruct`'s ``warm``): neither changes the solution it must reach.
+
+    Attributes:
+        weight: ``r x d`` weights with pruned entries 0 (a selector's own update), or None.
+        inverse: ``d x d`` ``(solver_damped(hessian, damp))⁻¹`` computed by the selector, or None.
+        hessian: the Hessian ``inverse`` was computed from (the very tensor: reused only for it).
+        damp: the relative damp ``inverse`` was computed with (reused only at that damp).
+    """
+
+    weight: Optional[Tensor] = None
+    inverse: Optional[Tensor] = None
+    hessian: Optional[Tensor] = None
+    damp: Optional[float] = None
+
+
 def prepare(
-    weight: Tensor, pruned: Tensor, hessian: Tensor, *, damp: float, double_precision: bool
+    weight: Tensor, pruned: Tensor, hessian: Tensor, *, damp: float, double_precision: bool,
+    warm: Optional[Warm] = None
 ) -> Problem:
-    """Validate and convert inputs to the compute dtype on ``weight.device``."""
+    """Validate and convert inputs to the compute dtype on ``weight.device``.
+
+    ``warm``: its weights become the problem's ``start``; its inverse is the problem's ``Hd⁻¹`` when it was
+    computed from this very ``hessian`` at this ``damp`` in the compute dtype (else it is computed again).
+    """
     validate(weight, pruned, hessian)
     dtype = torch.float64 if double_precision else torch.float32
     w = weight.detach().to(dtype=dtype, copy=True)
     h = hessian.detach().to(device=w.device, dtype=dtype)
     m = pruned.to(w.device)
+    start = None
+    if warm is not None and warm.weight is not None and warm.weight.shape == w.shape:
+        start = warm.weight.detach().to(device=w.device, dtype=dtype).masked_fill(m, 0.0)
     # the solvers' damped H tolerates accumulation asymmetry; the figures use H as given
-    return Problem(weight=w, pruned=m, hessian=h, damped=damp_hessian(0.5 * (h + h.T), damp), damp=damp)
+    problem = Problem(weight=w, pruned=m, hessian=h, damped=solver_damped(h, damp), damp=damp, start=start)
+    if (warm is not None and warm.inverse is not None and warm.hessian is hessian and warm.damp == damp
+            and warm.inverse.dtype == dtype and warm.inverse.device == w.device):
+        problem.cache["inverse"] = warm.inverse
+    return problem
 
 
 def cholesky_checked(matrix: Tensor, what: str = "damped Hessian", *, upper: bool = False) -> Tensor:

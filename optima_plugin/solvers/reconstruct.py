@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..acceptance import keep_better
 from .base import Solver, SolverOutput, get_solver
-from .problem import Problem, escalate_damp, figures, prepare, validate
+from .problem import Problem, Warm, escalate_damp, figures, prepare, validate
 
 if TYPE_CHECKING:
     from ..distributed import Distributed
@@ -171,6 +171,7 @@ def reconstruct(
     max_iter: Optional[int] = None,
     double_precision: bool = False,
     split: Optional["Distributed"] = None,
+    warm: Optional[Warm] = None,
 ) -> Reconstruction:
     """Re-solve the kept weights of a layer so its outputs match the dense layer.
 
@@ -186,6 +187,9 @@ def reconstruct(
         split: under torchrun (:mod:`optima_plugin.distributed`), every rank solves its slice of
             the rows and the slices are all-gathered; every rank of the job must call with the same
             arguments, and all return the same result.
+        warm: a :class:`~optima_plugin.solvers.problem.Warm` start (a selector's own weights and its
+            ``Hd⁻¹``): ``pcg`` starts from the weights, any solver reuses the inverse when it was computed
+            from this ``hessian`` at this ``damp``; the optimum sought and the stopping test are unchanged.
 
     Returns:
         A :class:`Reconstruction`. Its weights are never worse (by the undamped
@@ -203,7 +207,7 @@ def reconstruct(
 
     def attempt(dmp: float, last: bool) -> tuple[Problem, SolverOutput, Tensor, Tensor]:
         nonlocal chunk
-        problem = prepare(weight, pruned, hessian, damp=dmp, double_precision=double_precision)
+        problem = prepare(weight, pruned, hessian, damp=dmp, double_precision=double_precision, warm=warm)
         if split is not None and split.world_size > 1:
             out, chunk = _solve_split(solve, problem, chunk, split, tol=tol, max_iter=max_iter)
         else:
