@@ -245,3 +245,40 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, tokenizer):
     assert report["resumed_from_block"] == 1
     for (key, x), y in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(x, y), key
+
+
+def test_prepare_block_seam_for_any_selector(tokenizer):
+    """A plugin selector with ``prepare_block`` gets each dense block before its linears are selected, the
+    block's outputs for every window, and its data back per linear in ``select(..., block_data=)``."""
+    from optima_plugin.selectors.wanda import WandaSelector
+
+    calls = []
+
+    class Probe(WandaSelector):
+        name = "probe"
+
+        def prepare_block(self, context):
+            dense = all(bool((lin.weight != 0).all()) for lin in context.linears.values())
+            outs = list(context.forward(2))
+            calls.append(("block", context.index, dense, [tuple(o.shape) for o in outs], context.dist))
+            return {name: (context.index, name) for name in context.linears}
+
+        def select(self, weight, hessian, ratio, pattern, *, block_data=None):
+            calls.append(("select", block_data))
+            return super().select(weight, hessian, ratio, pattern)
+
+    class Plugin:
+        @hookimpl
+        def optima_selectors(self):
+            return [Probe()]
+
+    with_plugin(Plugin(), lambda: prune(tiny_model("llama"), tokenizer, prune_method="probe", sparsity_ratio=0.5,
+                                        weight_update="none", **FAST))
+    blocks = [c for c in calls if c[0] == "block"]
+    assert [c[1] for c in blocks] == [0, 1, 2] and all(c[2] for c in blocks)
+    assert all(c[3] == [(2, 32, 64), (2, 32, 64)] and c[4] is None for c in blocks)  # 4 windows, 2 per forward
+    for b in range(3):
+        start = calls.index(blocks[b])
+        selects = calls[start + 1 : start + 1 + len(LINEARS)]
+        assert sorted(c[1][1] for c in selects) == sorted(f"model.layers.{b}.{rel}" for rel in LINEARS)
+        assert all(c[0] == "select" and c[1][0] == b for c in selects)

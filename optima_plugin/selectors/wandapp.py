@@ -125,8 +125,8 @@ class WandaPlusPlusSelector:
 
 
 def _option(config, name: str):
-    """``config.option(name)``, the declared default for a config that was not resolved."""
+    """``config.option(name)``; the declared default without a config or for one that was not resolved."""
     try:
         return config.option(name)
-    except LookupError:
+    except (AttributeError, LookupError):
         return declared_defaults(addoption)[name]
