@@ -282,3 +282,18 @@ def test_prepare_block_seam_for_any_selector(tokenizer):
         selects = calls[start + 1 : start + 1 + len(LINEARS)]
         assert sorted(c[1][1] for c in selects) == sorted(f"model.layers.{b}.{rel}" for rel in LINEARS)
         assert all(c[0] == "select" and c[1][0] == b for c in selects)
+
+
+def test_scores_and_masks_stay_on_the_layer_device():
+    """The score and Wanda's mask code make no CPU tensor meet a GPU one (:mod:`devicecheck`)."""
+    from devicecheck import DeviceCheck, FakeCuda, fake
+    from optima_plugin.selectors.wandapp import RegionalGradient, WandaPlusPlusSelector
+    from optima_plugin.sparsity import parse_pattern
+
+    w, x = torch.randn(8, 16), torch.randn(64, 16)
+    with DeviceCheck() as check:
+        data = RegionalGradient(fake(torch.rand(8, 16)), 64, 100.0)
+        for pattern in (parse_pattern("unstructured"), parse_pattern("2:4")):
+            selection = WandaPlusPlusSelector().select(fake(w), fake(x.T @ x / 64), 0.5, pattern, block_data=data)
+            assert isinstance(selection.pruned, FakeCuda)
+    assert not check.mixed, "\n".join(check.mixed[:3])
