@@ -15,7 +15,7 @@ from .hookspecs import hookimpl
 from .lowrank import addoption as lowrank_options
 from .options import OptionParser
 from .quantizers import BUILTIN_QUANTIZERS, addoption as quantization_options
-from .selectors import BUILTIN_SELECTORS, file as file_selector
+from .selectors import BUILTIN_SELECTORS, file as file_selector, wandapp
 from .updaters import BUILTIN_UPDATERS
 
 
@@ -23,7 +23,7 @@ from .updaters import BUILTIN_UPDATERS
 BUILTIN_CHECKS = (damping.validate_config, hessian.validate_sinks, refine.validate_config, hessian.validate_shrink,
                   allocators.validate_config, compress.validate, file_selector.validate_config,
                   objective.validate_config, export.validate_config, data.validate_config,
-                  checkpoint.validate_config, local_reconstruction.validate_config)
+                  checkpoint.validate_config, local_reconstruction.validate_config, wandapp.validate_config)
 
 
 class BuiltinRegistry:
@@ -40,7 +40,7 @@ class BuiltinRegistry:
     @hookimpl(tryfirst=True)
     def optima_addoption(self, parser: OptionParser) -> None:
         for declare in (owl.addoption, alphapruning.addoption, trim.addoption, file_selector.addoption, quantization_options,
-                        lowrank_options):
+                        lowrank_options, wandapp.addoption):
             declare(parser)
 
     @hookimpl(tryfirst=True)

@@ -36,7 +36,8 @@ def _flag(default: Any, help: str, **argparse: Any) -> Any:
 class PruneConfig:
     """Every core option of a run; the fields with a ``help`` in their metadata are ``optima-prune``'s flags."""
 
-    prune_method: str = _flag("wanda", help="mask selector: magnitude, wanda, sparsegpt, thanos, or a plugin's")
+    prune_method: str = _flag("wanda", help="mask selector: magnitude, wanda, wanda++, sparsegpt, thanos, or a "
+                                            "plugin's")
     sparsity_ratio: float = _flag(0.5, help="the mean sparsity to prune to (a fraction in [0, 1))")
     sparsity_type: str = _flag("unstructured", help="unstructured or N:M (e.g. 2:4)")
     weight_update: str = _flag("optima", help="none, native (the selector's own) or optima")

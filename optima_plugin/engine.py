@@ -49,6 +49,7 @@ from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_a
 from .objective import DenseTerms, dense_objective, dense_target
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
 from .plugins import get_plugin_manager, lookup
+from .selectors.base import BlockCalibration
 from .solvers.problem import reconstruction_error
 from .timing import Phases, timed
 from .updaters import UpdateOptions
@@ -192,6 +193,7 @@ class LayerStats:
     dense_terms: Optional[DenseTerms] = None
     true_hessian: Optional[Tensor] = None
     true_terms: Optional[DenseTerms] = None
+    block_data: Any = None  # the selector's prepare_block data for this linear (given to select as block_data=)
 
 
 @dataclass
@@ -233,7 +235,8 @@ class _Run:
 class _Block:
     """The block being pruned: ``todo`` its linears to prune (``{rel: linear}``), ``names`` their full names,
     ``dense`` its dense copy (``--objective dense``: the statistics' dense path), ``reference`` the dense copy
-    ``--reconstruct`` matches and the dense inputs advance with (the same object under both)."""
+    ``--reconstruct`` matches and the dense inputs advance with (the same object under both), ``data`` the
+    selector's ``prepare_block`` data by full name."""
 
     index: int
     module: nn.Module
@@ -242,6 +245,7 @@ class _Block:
     groups: list
     dense: Optional[nn.Module] = None
     reference: Optional[nn.Module] = None
+    data: dict = field(default_factory=dict)
 
 
 def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True,
@@ -447,7 +451,8 @@ def _prune_block(run: _Run, pipe: BlockPipeline, i: int, module: nn.Module) -> N
     # against a dense copy of the block (which then advances the dense inputs)
     reference = copy.deepcopy(module) if pipe.track_dense else None
     block = _Block(i, module, names, todo, input_groups(module),
-                   reference if run.config.objective == "dense" else None, reference)
+                   reference if run.config.objective == "dense" else None, reference,
+                   _block_data(run, pipe, i, module, todo, names))
     terms, hessians = {}, {}
     if block.dense is None and not run.config.input_recalc:
         hessians = pipe.hessians(i, module, todo, block.groups, _hdtype(run), names, _holdout(run))
@@ -463,6 +468,18 @@ def _prune_block(run: _Run, pipe: BlockPipeline, i: int, module: nn.Module) -> N
     if block.reference is not None:
         pipe.propagate(i, block.reference, dense=True)
         check_finite(pipe.dense_inputs, f"the dense model's outputs of block {i}")
+
+
+def _block_data(run: _Run, pipe: BlockPipeline, i: int, module: nn.Module, todo: dict, names: dict) -> dict:
+    """The selector's per-block data, ``{full name: data}`` (its optional ``prepare_block``, on the dense block
+    before any of its linears is pruned; see :class:`~optima_plugin.selectors.base.BlockCalibration`)."""
+    prepare = getattr(run.work.selector, "prepare_block", None)
+    if prepare is None or not todo:
+        return {}
+    context = BlockCalibration(i, module, {names[rel]: lin for rel, lin in todo.items()},
+                               lambda batch: pipe.outputs(i, module, batch), run.config, run.dist)
+    with run.phases.phase("selection"):
+        return prepare(context)
 
 
 def _hdtype(run: _Run) -> torch.dtype:
@@ -496,7 +513,7 @@ def _prune_one(run: _Run, pipe: BlockPipeline, block: _Block, rel: str, hessian,
     if true_terms is not None and shrink:
         solved_terms = replace(true_terms, hessian=solved, cross=shrink_to_diagonal(true_terms.cross, shrink))
     stats = LayerStats(solved, run.ratios[name], solved_terms, true_hessian if shrink else None,
-                       true_terms if shrink else None)
+                       true_terms if shrink else None, block.data.get(name))
     with _named_solver_logs(name):
         result = _prune_linear(name, block.index, block.todo[rel], stats, replace(run.work, options=layer_options),
                                run.phases)
@@ -602,6 +619,8 @@ def _prune_linear(name: str, block_index: int, lin: nn.Linear, stats: LayerStats
     with timed(phases, "selection"):
         ratio, rows = _row_ratios(dense, stats, work)
         named = {"name": name} if getattr(work.selector, "needs_name", False) else {}
+        if hasattr(work.selector, "prepare_block"):
+            named["block_data"] = stats.block_data
         selection = work.selector.select(_working(dense), hessian, ratio, work.pattern, **named)
     with timed(phases, "update"):
         upd, target = _update(dense, selection, stats, work)

@@ -240,6 +240,13 @@ class BlockPipeline:
             before(start, chunk.shape[0])
             yield start, self._run(block, index, chunk)
 
+    def outputs(self, index: int, block: nn.Module, batch: Optional[int] = None) -> Iterator[Tensor]:
+        """Block ``index``'s outputs ``(b, seqlen, hidden)`` over this process's windows, ``batch`` (default
+        ``batch_size``) per forward, in order, under the caller's autograd mode (a selector's gradient pass
+        backpropagates through them); the inputs stay as they are. No out-of-memory back-off."""
+        for _, out in self._chunks(block, index, batch or self.batch_size):
+            yield out
+
     def _run(self, block: nn.Module, index: int, chunk: Tensor) -> Tensor:
         chunk = chunk.to(self.device)
         return run_block(block, chunk, batch_kwargs(self.kwargs[index], self.batch_size, chunk.shape[0]))

@@ -124,6 +124,10 @@ class HostOptions:
             raise ValueError(f"--mask_selector {self.mask_selector} needs a whole run's setup (e.g. its mask file "
                              f"matched to the model), which a host's loop does not give it; run optima-prune "
                              f"--prune_method {self.mask_selector} instead")
+        if self.mask_selector is not None and hasattr(registry("selectors")[self.mask_selector], "prepare_block"):
+            raise ValueError(f"--mask_selector {self.mask_selector} needs each decoder block's own pass before its "
+                             f"linears are pruned, which a host's loop does not give it; run optima-prune "
+                             f"--prune_method {self.mask_selector} instead")
         unknown = sorted(set(self.no_shim) - set(SHIMS))
         if unknown:
             raise ValueError(f"unknown --no_shim {', '.join(unknown)}; known: {', '.join(SHIMS)}")

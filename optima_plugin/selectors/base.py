@@ -4,10 +4,10 @@ calibration statistics into a pruning mask (and optionally its own update)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Union
+from typing import Any, Callable, Iterator, Optional, Protocol, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..solvers.problem import Warm
 from ..sparsity import Pattern
@@ -36,6 +36,32 @@ class Selection:
     weight: Optional[Tensor] = None
     stats: dict = field(default_factory=dict)
     factor: Optional[Warm] = field(default=None, repr=False)
+
+
+@dataclass
+class BlockCalibration:
+    """What a selector's optional ``prepare_block`` is given for one decoder block, before any of the block's
+    linears is pruned.
+
+    Attributes:
+        index: the block's index.
+        block: the dense block, onloaded on the run's device.
+        linears: ``{full name: nn.Linear}`` of the block's linears to prune (``model.layers.0.mlp.up_proj``).
+        forward: ``forward(batch)`` iterates over the block's outputs ``(b, seqlen, hidden)`` for this process's
+            calibration windows, ``b <= batch`` windows per forward, in order, computed under the caller's
+            autograd mode (wrap it in ``torch.enable_grad()`` to backpropagate); its inputs are those the
+            Hessians are taken on (the pruned model's). Forwards only: the pipeline's inputs do not change.
+        config: the run's :class:`~optima_plugin.config.PruneConfig`.
+        dist: under torchrun, the job's :class:`~optima_plugin.distributed.Distributed` (each process saw only
+            its share of the windows: all-reduce what is summed over them, e.g. ``dist.sum_``); else None.
+    """
+
+    index: int
+    block: nn.Module
+    linears: dict
+    forward: Callable[[int], Iterator[Tensor]]
+    config: Any = None
+    dist: Any = None
 
 
 class MaskSelector(Protocol):
@@ -75,6 +101,12 @@ class MaskSelector(Protocol):
     # before calibration, with the :class:`~optima_plugin.config.PruneConfig`, ``{name: nn.Linear}`` of
     # the linears to prune and the blocks' path (``model.layers``); raise ``ValueError`` there for
     # anything that would fail later (a missing file, a layer it cannot handle).
+    #
+    # Optional: ``prepare_block(context: BlockCalibration) -> dict``: called per decoder block, after the block
+    # is onloaded and before its statistics pass and any of its linears is pruned, for per-block data (e.g.
+    # ``wanda++``: gradients of the block's output norm); returns ``{full name: data}``, and each linear's
+    # :meth:`select` is then also given ``block_data=`` its entry (None when absent). The engine drops the
+    # data after the block. Selectors with it are refused by ``optima-host --mask_selector`` (no block there).
     #
     # Optional: ``score(weight, hessian) -> Tensor`` (``r x d`` float32, lower is
     # pruned first), the static ranking that row allocators (TRIM) try per-row

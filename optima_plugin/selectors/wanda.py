@@ -11,6 +11,14 @@ def wanda_scores(weight, hessian):
     return weight.detach().abs().float() * hessian.diagonal().clamp_min(0).sqrt().to(weight.device).float()
 
 
+def mask_from_scores(score, ratio: Ratio, pattern: Pattern) -> Selection:
+    """Wanda's comparison groups: the lowest ``score`` entries of each row (N:M: of each group of M inputs)."""
+    if pattern.structured:
+        return Selection(nm_mask(score, pattern))
+    check_ratio(ratio)
+    return Selection(row_mask(score, ratio))
+
+
 class WandaSelector:
     name = "wanda"
     needs_hessian = True
@@ -20,8 +28,4 @@ class WandaSelector:
         return wanda_scores(weight, hessian)
 
     def select(self, weight, hessian, ratio: Ratio, pattern: Pattern) -> Selection:
-        score = wanda_scores(weight, hessian)
-        if pattern.structured:
-            return Selection(nm_mask(score, pattern))
-        check_ratio(ratio)
-        return Selection(row_mask(score, ratio))
+        return mask_from_scores(wanda_scores(weight, hessian), ratio, pattern)
