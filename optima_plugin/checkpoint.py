@@ -45,7 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .files import atomic_path, check_output_file, check_save_target, recover_interrupted_save, write_json
+from .files import (atomic_path, check_output_file, check_save_target, recover_interrupted_save, safetensors_header,
+                    write_json)
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,6 @@ def weights_fingerprint(model: nn.Module, stream=None) -> str:
     the kernel's read-ahead around each row) count in the process's resident memory while it is
     open, which grew by ~20 MB per block of a 1024-wide Llama.
     """
-    from .streaming import safetensors_header
 
     digest = hashlib.sha1()
 

@@ -529,3 +529,13 @@ def _recover_old(aside: Path, target: Path) -> None:
                 return
         log.info("removed the model a save to %s replaced before it was interrupted", target)
     aside.rmdir()
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """``(offset of the data, {name: {"dtype", "shape", "data_offsets"}})`` of a safetensors file, read with
+    plain file reads (no memory map: nothing of the file stays resident in the process)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header

@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .files import atomic_path, write_json
+from .files import atomic_path, safetensors_header, write_json
 from .loading import check_checkpoint_keys, disable_use_cache, restore_use_cache, tied_keys
 from .memory import fix_mmap_threshold, release_freed_memory
 from .models import ModelAdapter, get_adapter
@@ -94,16 +94,6 @@ def safetensors_files(directory: str | os.PathLike) -> dict[str, Path]:
         with safe_open(str(path), framework="pt") as f:
             out.update({name: path for name in f.keys()})
     return out
-
-
-def safetensors_header(path: str | os.PathLike) -> tuple[int, dict]:
-    """``(offset of the data, {name: {"dtype", "shape", "data_offsets"}})`` of a safetensors file, read with
-    plain file reads (no memory map: nothing of the file stays resident in the process)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, header
 
 
 def checkpoint_bytes(directory: str | os.PathLike, dtype: torch.dtype) -> int:
