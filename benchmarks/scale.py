@@ -180,6 +180,17 @@ def project(m: dict, blocks: int) -> dict:
     }
 
 
+def shares(m: dict) -> dict:
+    """One ``wanda+optima`` block's seconds per phase (as the report's ``timings.phases`` names them) and
+    their shares of the block's total: ``{phase: (seconds, share)}``."""
+    lin = m["linears"]
+    phases = {"statistics": m["forward"], "hessian": m["hessian"] - m["reduce"], "allreduce": m["reduce"],
+              "selection": sum(x["select"] for x in lin), "update": sum(x["inverse"] + x["solve"] for x in lin),
+              "gather": sum(x["gather"] for x in lin), "propagation": m["forward"]}
+    total = sum(phases.values()) or 1.0
+    return {k: (v, v / total) for k, v in phases.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(SHAPES), default="8b")
@@ -217,6 +228,8 @@ def main() -> None:
         print(f"{x['linear']:18} {x['shape'][0]:>6}x{x['shape'][1]:<6} {x['select']:7.2f} {x['inverse']:8.2f} "
               f"{x['solve']:7.2f}{star} {x['gather']:7.2f} {x['gemm_equivalents']:8.1f} {x['iterations']:>5} "
               f"{x['sparsegpt']:9.2f}{star}")
+    print("wanda+optima per block, by phase: " + ", ".join(f"{k} {v:.2f} s ({share:.0%})"
+                                                         for k, (v, share) in shares(worst).items()))
     proj = project(worst, blocks)
     print(f"projection for {blocks} blocks: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in proj.items()))
     if args.json:
