@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import checkpoint, compress, damping, data, export, hessian, objective, refine
+from . import checkpoint, compress, damping, data, export, hessian, local_reconstruction, objective, refine
 from . import allocators
 from .allocators import BUILTIN_ALLOCATORS, BUILTIN_ROW_ALLOCATORS, alphapruning, owl, trim
 from .hookspecs import hookimpl
@@ -23,7 +23,7 @@ from .updaters import BUILTIN_UPDATERS
 BUILTIN_CHECKS = (damping.validate_config, hessian.validate_sinks, refine.validate_config, hessian.validate_shrink,
                   allocators.validate_config, compress.validate, file_selector.validate_config,
                   objective.validate_config, export.validate_config, data.validate_config,
-                  checkpoint.validate_config)
+                  checkpoint.validate_config, local_reconstruction.validate_config)
 
 
 class BuiltinRegistry:

@@ -36,7 +36,7 @@ import re
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -322,6 +322,7 @@ class Resume:
     layers: list
     block_seconds: list
     oom_backoff: list
+    reconstruction: list = field(default_factory=list)  # the report's --reconstruct entries of those blocks
 
 
 class Checkpoint:
@@ -381,7 +382,7 @@ class Checkpoint:
                              f"(differs in {', '.join(keys)}); use the same command, another --checkpoint_dir, "
                              "or delete that folder")
         return Resume(state["next_block"], state["ratios"], state["layers"], state["block_seconds"],
-                      state.get("oom_backoff", []))
+                      state.get("oom_backoff", []), state.get("reconstruction", []))
 
     def restore(self, blocks: Sequence[nn.Module], upto: int) -> None:
         """Load the saved parameters of blocks ``0 .. upto-1`` into ``blocks`` (in place, exact)."""
@@ -437,11 +438,12 @@ class Checkpoint:
 
     def save(self, i: int, block: Optional[nn.Module], next_inputs: Optional[Tensor], *, num_blocks: int,
              ratios: dict, layers: list, block_seconds: list, oom_backoff: list,
-             next_dense: Optional[Tensor] = None) -> None:
+             next_dense: Optional[Tensor] = None, reconstruction: Optional[list] = None) -> None:
         """Record that block ``i`` is pruned: its tensors, block ``i+1``'s inputs, then the state.
 
         ``block`` None: a streamed run, whose output shard of block ``i`` is already in this folder.
         ``next_dense``: block ``i+1``'s dense-model inputs (``--objective dense``), saved beside its inputs.
+        ``reconstruction``: the report's ``--reconstruct`` entries of blocks ``0..i``.
         Under torchrun every rank calls this: each saves its share of the inputs, rank 0 the block and, after
         every rank's inputs are written, the state; each rank removes its previous inputs after that.
         """
@@ -465,7 +467,7 @@ class Checkpoint:
             self.dist.wait_for_main()  # every rank's inputs of block i+1 are on disk
         if main:
             self._write_state(i, next_block=i + 1, num_blocks=num_blocks, ratios=ratios, layers=layers,
-                              block_seconds=block_seconds, oom_backoff=oom_backoff)
+                              block_seconds=block_seconds, oom_backoff=oom_backoff, reconstruction=reconstruction)
         if self.dist is not None:
             self.dist.wait_for_main()  # state.json names block i+1: no rank needs its inputs of block i any more
         self._inputs(i).unlink(missing_ok=True)
@@ -482,12 +484,12 @@ class Checkpoint:
             self.dist.wait_for_main()
 
     def _write_state(self, i: int, *, next_block: int, num_blocks: int, ratios: dict, layers: list,
-                     block_seconds: list, oom_backoff: list) -> None:
+                     block_seconds: list, oom_backoff: list, reconstruction: Optional[list] = None) -> None:
         with self._writing(self.dir / STATE, i):
             write_json(self.dir / STATE, {
                 "marker": MARKER, "identity": self.identity, "next_block": next_block, "num_blocks": num_blocks,
                 "world_size": self.world_size, "ratios": ratios, "layers": layers, "block_seconds": block_seconds,
-                "oom_backoff": oom_backoff,
+                "oom_backoff": oom_backoff, "reconstruction": reconstruction or [],
             })
 
     @contextmanager

@@ -51,6 +51,15 @@ class PruneConfig:
         "pruned",
         help="what the optima update matches: pruned (each layer's outputs on the pruned model's inputs) or dense "
         "(the dense model's outputs: one more block pass on the dense inputs, kept beside the pruned ones)")
+    reconstruct: str = _flag(
+        "none", help="after each block's per-layer work, Adam steps on the kept weights (masks fixed) so that each "
+        "unit's outputs on the pruned inputs match the dense model's: none, layer (each pruned linear), submodule "
+        "(attention and MLP separately) or block; early stopping on held-out calibration windows "
+        "(see docs/local_reconstruction.md)")
+    reconstruct_steps: int = _flag(100, help="--reconstruct: Adam steps per unit at most (%(default)s)")
+    reconstruct_lr: float = _flag(1e-4, help="--reconstruct: Adam learning rate (%(default)s)")
+    reconstruct_schedule: str = _flag("cosine", help="--reconstruct: learning-rate schedule, cosine or constant")
+    reconstruct_batch: int = _flag(4, help="--reconstruct: calibration windows per step (%(default)s)")
     save_layer_ratio: Optional[str] = _flag(None, help="write the layer ratios to FILE (.json or .npy)", metavar="FILE")
     load_layer_ratio: Optional[str] = _flag(
         None, help="read the layer ratios from FILE (.json or .npy) instead of allocating", metavar="FILE")

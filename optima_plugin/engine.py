@@ -43,6 +43,8 @@ from .damping import HOLDOUT_EVERY, is_auto, layer_inputs
 from .data import get_calibration
 from .distributed import SyncedSelector, current as current_job
 from .hessian import SinkTokens, layer_shrink, shrink_to_diagonal
+from .local_reconstruction import Settings as ReconstructSettings, check_model as check_reconstruct, \
+    reconstruct_block
 from .models import ModelAdapter, block_linears, get_adapter, input_groups, is_attention
 from .objective import DenseTerms, dense_objective, dense_target
 from .pipeline import BlockPipeline, NonFiniteError, check_finite  # noqa: F401 (NonFiniteError: re-exported)
@@ -216,6 +218,7 @@ class _Run:
     report: Any = None  # the ReportObserver: the report's layers and block seconds
     phases: Phases = field(default_factory=Phases)  # the report's timings.phases
     shown: Any = None  # the ProgressObserver
+    reconstruction: list = field(default_factory=list)  # the report's reconstruction: one entry per block
 
     @property
     def num_blocks(self) -> int:
@@ -229,7 +232,8 @@ class _Run:
 @dataclass
 class _Block:
     """The block being pruned: ``todo`` its linears to prune (``{rel: linear}``), ``names`` their full names,
-    ``dense`` its dense copy (``--objective dense``)."""
+    ``dense`` its dense copy (``--objective dense``: the statistics' dense path), ``reference`` the dense copy
+    ``--reconstruct`` matches and the dense inputs advance with (the same object under both)."""
 
     index: int
     module: nn.Module
@@ -237,6 +241,7 @@ class _Block:
     todo: dict
     groups: list
     dense: Optional[nn.Module] = None
+    reference: Optional[nn.Module] = None
 
 
 def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: bool = True,
@@ -264,6 +269,7 @@ def prune_model(model: nn.Module, tokenizer, config: PruneConfig, *, progress: b
     run.pm, run.shown, run.report = get_plugin_manager(), ProgressObserver(disable=not progress), ReportObserver()
     if run.resume:
         run.report.layers, run.report.block_seconds = list(run.resume.layers), list(run.resume.block_seconds)
+        run.reconstruction = list(run.resume.reconstruction)
     for obs in (run.shown, run.report):
         run.pm.register(obs)
     try:
@@ -306,6 +312,7 @@ def _prepare(model: nn.Module, config: PruneConfig, progress: bool, stream) -> _
     adapter = get_adapter(model)
     check_seqlen(model, config.seqlen)
     linears = prunable_linears(adapter, config.skip_attention)
+    check_reconstruct(config.reconstruct, adapter.blocks[0])
     for name, lin in linears.items():
         config.pattern.check_columns(lin.in_features, name)
     if hasattr(selector, "prepare"):  # e.g. ``file``: its masks matched to the linears before any calibration
@@ -368,7 +375,7 @@ def _capture(run: _Run, tokens: Tensor) -> BlockPipeline:
     pipe = BlockPipeline(run.adapter, device=run.device, batch_size=config.batch_size,
                          storage=torch.device("cpu") if run.offload else run.device,
                          offload="cpu" if run.offload else None, oom_backoff=run.oom_backoff, stream=run.stream,
-                         dist=run.dist, track_dense=config.objective == "dense",
+                         dist=run.dist, track_dense=config.objective == "dense" or config.reconstruct != "none",
                          sink=SinkTokens.from_config(config), phases=run.phases)
     with run.phases.phase("capture"):
         inputs = pipe.capture(tokens)
@@ -416,7 +423,8 @@ def _block_done(run: _Run, pipe: BlockPipeline, i: int, seconds: float, stop) ->
                             pipe.inputs if i + 1 < num_blocks else None, num_blocks=num_blocks,
                             ratios=run.ratios, layers=run.report.layers,
                             block_seconds=run.report.block_seconds + [seconds], oom_backoff=run.oom_backoff,
-                            next_dense=pipe.dense_inputs if i + 1 < num_blocks else None)
+                            next_dense=pipe.dense_inputs if i + 1 < num_blocks else None,
+                            reconstruction=run.reconstruction)
     run.pm.hook.optima_block_done(index=i, num_blocks=num_blocks, seconds=seconds)
     requested = stop.requested
     if run.dist is not None and checkpoint is not None:  # the ranks stop after the same block
@@ -427,8 +435,9 @@ def _block_done(run: _Run, pipe: BlockPipeline, i: int, seconds: float, stop) ->
 
 
 def _prune_block(run: _Run, pipe: BlockPipeline, i: int, module: nn.Module) -> None:
-    """Block ``i``: its statistics, then per linear select → update → refine → compress → record; the dense
-    copy's outputs advance the dense inputs (``--objective dense``)."""
+    """Block ``i``: its statistics, then per linear select → update → refine → compress → record; then
+    ``--reconstruct`` (:mod:`optima_plugin.local_reconstruction`); the dense copy's outputs advance the dense
+    inputs (``--objective dense``, ``--reconstruct``)."""
     names = {rel: f"{run.prefix}.{i}.{rel}" for rel in block_linears(module)}
     todo = {rel: block_linears(module)[rel] for rel, full in names.items() if full in run.linears}
     if run.stream is not None:
@@ -436,8 +445,9 @@ def _prune_block(run: _Run, pipe: BlockPipeline, i: int, module: nn.Module) -> N
             check_finite(lin.weight.detach(), f"{names[rel]}: its weights")
     # --objective dense: each input group's H, G and ‖wX_d‖² after the groups before it are pruned,
     # against a dense copy of the block (which then advances the dense inputs)
+    reference = copy.deepcopy(module) if pipe.track_dense else None
     block = _Block(i, module, names, todo, input_groups(module),
-                   copy.deepcopy(module) if pipe.track_dense else None)
+                   reference if run.config.objective == "dense" else None, reference)
     terms, hessians = {}, {}
     if block.dense is None and not run.config.input_recalc:
         hessians = pipe.hessians(i, module, todo, block.groups, _hdtype(run), names, _holdout(run))
@@ -446,8 +456,12 @@ def _prune_block(run: _Run, pipe: BlockPipeline, i: int, module: nn.Module) -> N
             terms, hessians = _group_statistics(run, pipe, block, rel)
         _prune_one(run, pipe, block, rel, hessians[rel], terms.get(rel))
     del hessians, terms
-    if block.dense is not None:
-        pipe.propagate(i, block.dense, dense=True)
+    if run.config.reconstruct != "none":  # before the dense inputs advance: it matches the dense copy on them
+        with run.phases.phase("reconstruct"):
+            run.reconstruction.append(reconstruct_block(pipe, i, module, block.reference, todo,
+                                                        ReconstructSettings.from_config(run.config)))
+    if block.reference is not None:
+        pipe.propagate(i, block.reference, dense=True)
         check_finite(pipe.dense_inputs, f"the dense model's outputs of block {i}")
 
 
@@ -509,6 +523,8 @@ def _report(run: _Run, pipe: BlockPipeline, timings: dict) -> dict:
         "oom_backoff": run.oom_backoff,
         "timings": timings,
     }
+    if config.reconstruct != "none":
+        report["reconstruction"] = run.reconstruction
     if run.dist is not None:
         report["distributed"] = distributed_summary(run.dist, report["timings"], pipe.inputs.shape[0])
     return report

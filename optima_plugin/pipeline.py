@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -411,6 +412,65 @@ class BlockPipeline:
                     continue
                 inputs[start : start + batch] = out.to(inputs.device, inputs.dtype)
                 start += batch
+
+
+    def unit_io(self, index: int, block: nn.Module, unit: nn.Module, inputs: Tensor, *,
+                output: bool = False) -> "UnitIO":
+        """Block ``index`` run over ``inputs`` (this process's windows, chunks of ``batch_size``) up to ``unit``,
+        a submodule of ``block`` (or ``block`` itself): the tensor ``unit`` is called with, per window, or with
+        ``output`` what it returns (its first element when a tuple), concatenated on ``storage`` (no gradient).
+
+        The rest of the block is not run: a hook stops each forward once ``unit`` has been seen. The kwargs
+        ``unit`` was called with on the first chunk ride along (see :class:`UnitIO`)."""
+        seen: list = []
+        first: dict = {}
+
+        def pre(module, args, kwargs):
+            if not first:
+                first.update(kwargs=dict(kwargs), keyword=not args, count=None)
+            x = args[0] if args else kwargs["hidden_states"]
+            seen.append(x.detach().to(self.storage))
+            raise _UnitSeen
+
+        def post(module, args, out):
+            seen.append((out[0] if isinstance(out, (tuple, list)) else out).detach().to(self.storage))
+            raise _UnitSeen
+
+        handle = unit.register_forward_hook(post) if output else \
+            unit.register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for start in range(0, inputs.shape[0], self.batch_size):
+                    chunk = inputs[start : start + self.batch_size].to(self.device)
+                    try:
+                        run_block(block, chunk, batch_kwargs(self.kwargs[index], self.batch_size, chunk.shape[0]))
+                    except _UnitSeen:
+                        pass
+                    if "count" in first and first["count"] is None:
+                        first["count"] = chunk.shape[0]
+        finally:
+            handle.remove()
+        if len(seen) != -(-inputs.shape[0] // self.batch_size):
+            raise RuntimeError(f"block {index}: the unit was called {len(seen)} times over the windows' forwards; "
+                               "expected once per forward")
+        kwargs = {k: v for k, v in first.get("kwargs", {}).items() if k != "hidden_states"}
+        return UnitIO(torch.cat(seen), kwargs, bool(first.get("keyword", False)), first.get("count") or 0)
+
+
+class _UnitSeen(Exception):
+    """Raised by :meth:`BlockPipeline.unit_io`'s hook: the rest of the block's forward is not needed."""
+
+
+@dataclass
+class UnitIO:
+    """What :meth:`BlockPipeline.unit_io` captured: ``tensor`` ``(n, ...)`` per window; ``kwargs`` the unit's
+    keyword arguments on the first forward of ``count`` windows (cut with :func:`batch_kwargs` for fewer);
+    ``keyword``: whether the tensor was passed as ``hidden_states=`` rather than positionally."""
+
+    tensor: Tensor
+    kwargs: dict
+    keyword: bool
+    count: int
 
 
 def _path(block: nn.Module, module: nn.Module) -> str:
