@@ -42,7 +42,8 @@ windows of 512 tokens of the held-out last 20% of each text (16 by default; ``0`
 
 Cost on 2 shared CPU cores: Qwen's dense perplexity on 8 windows of each text takes about 3 minutes (it is
 kept in ``--json``), each row evaluates both texts again (about 3 minutes at 8 windows); see
-docs/quality.md for the prune times measured.
+docs/quality.md for the prune times measured. ``--markdown --json FILE`` prints FILE's rows as the tables
+of docs/quality.md (prunes nothing).
 """
 
 from __future__ import annotations
@@ -110,6 +111,28 @@ def options(variant: str, method: str, calibration: str) -> dict:
     return opts
 
 
+def markdown(saved: dict) -> str:
+    """The rows of a ``--json`` file as markdown tables: per calibration, pattern and method, each variant's
+    perplexity on both texts, ratios to the selector's ``own`` row, prune seconds and time over Wanda alone's."""
+    rows = saved.get("rows", [])
+    out = ["dense: " + ", ".join(f"{t} {v:.3f}" for t, v in saved.get("dense_ppl", {}).items())]
+    groups = dict.fromkeys((r["calibration"], r["pattern"], r["method"]) for r in rows)
+    for calibration, pattern, method in groups:
+        group = [r for r in rows if (r["calibration"], r["pattern"], r["method"]) == (calibration, pattern, method)]
+        own = next((r for r in group if r["variant"] == "own"), None)
+        wanda = next((r for r in rows if (r["calibration"], r["pattern"], r["method"], r["variant"])
+                      == (calibration, pattern, "wanda", "own")), None)
+        out += ["", f"calibrated on {calibration}, {pattern}, {method}:", "",
+                "| variant | ppl pydoc | ppl sherlock | pydoc vs own | sherlock vs own | prune s | time vs own "
+                "| time vs Wanda alone |", "|---|---|---|---|---|---|---|---|"]
+        for r in group:
+            rel = [f"{r['ppl'][t] / own['ppl'][t]:.3f}" for t in TEXTS] if own else ["", ""]
+            times = [f"{r['prune_seconds'] / base['prune_seconds']:.2f}×" if base else "" for base in (own, wanda)]
+            out.append(f"| {r['variant']} | {r['ppl']['pydoc']:.2f} | {r['ppl']['sherlock']:.2f} | {rel[0]} | "
+                       f"{rel[1]} | {r['prune_seconds']:.0f} | {times[0]} | {times[1]} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=MODELS)
@@ -121,7 +144,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval_max_windows", type=int, default=16)
     ap.add_argument("--json", help="rows are appended here as they finish; rows already there are skipped")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the rows of --json as markdown tables (one per calibration, pattern and method), "
+                         "prune nothing")
     args = ap.parse_args(argv)
+    if args.markdown:
+        if not args.json or not Path(args.json).is_file():
+            raise FileNotFoundError(f"--markdown: give the --json file of earlier runs (got {args.json})")
+        print(markdown(json.loads(Path(args.json).read_text())))
+        return
     windows = args.eval_max_windows or None
     path = Path(args.json) if args.json else None
     saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
