@@ -24,6 +24,8 @@ SparseGPT's own update)::
     all           shrink_0.3 + admm (the two that helped, on one domain each)
     rec_layer, rec_submodule, rec_block  + --reconstruct layer / submodule / block (Adam on the kept
                   weights against the dense model's outputs of each linear / attention and MLP / block)
+    rec_submodule_quick, rec_block_quick  the same with --reconstruct_steps 30 --reconstruct_batch 2
+                  (about a seventh of the default's window-steps; for this CPU's budget)
 
 ``--methods`` takes any registered selector (``wanda++`` too, where it is installed); ``own`` is the mask
 alone for wanda, wanda++ and magnitude. The table gives each row's perplexity ratios and time ratio to its
@@ -78,6 +80,10 @@ VARIANTS = {
     "rec_layer": {"weight_update": "optima", "hessian_shrink": 0.0, "reconstruct": "layer"},
     "rec_submodule": {"weight_update": "optima", "hessian_shrink": 0.0, "reconstruct": "submodule"},
     "rec_block": {"weight_update": "optima", "hessian_shrink": 0.0, "reconstruct": "block"},
+    "rec_submodule_quick": {"weight_update": "optima", "hessian_shrink": 0.0, "reconstruct": "submodule",
+                            "reconstruct_steps": 30, "reconstruct_batch": 2},
+    "rec_block_quick": {"weight_update": "optima", "hessian_shrink": 0.0, "reconstruct": "block",
+                        "reconstruct_steps": 30, "reconstruct_batch": 2},
 }
 TEXTS = ("pydoc", "sherlock")
 QWEN_GGUF = "qwen2.5-coder-0.5b-instruct.gguf"
@@ -109,6 +115,16 @@ def options(variant: str, method: str, calibration: str) -> dict:
     for key, value in VARIANTS[variant].items():
         opts[key] = value.format(calibration=calibration, other=other) if isinstance(value, str) else value
     return opts
+
+
+def held_out_losses(report: dict) -> Optional[dict]:
+    """``--reconstruct``: the units' relative held-out losses before and after, summed over the blocks."""
+    units = [u for b in report.get("reconstruction") or [] for u in b["units"]]
+    if not units:
+        return None
+    return {"heldout_before": sum(u["loss_heldout_before"] for u in units),
+            "heldout_after": sum(u["loss_heldout_after"] for u in units),
+            "steps": sum(u["steps"] for u in units), "units": len(units)}
 
 
 def markdown(saved: dict) -> str:
@@ -209,7 +225,8 @@ def main(argv=None) -> None:
                     seconds = time.perf_counter() - t0
                     row = dict(key, options=opts, ppl=ppls(model), prune_seconds=seconds,
                                mean_error_ratio=report["summary"]["mean_error_ratio"],
-                               phases=report.get("timings", {}).get("phases"))
+                               phases=report.get("timings", {}).get("phases"),
+                               reconstruction=held_out_losses(report))
                     rows.append(row)
                     show(row)
                     if path is not None:
